@@ -1,0 +1,25 @@
+"""fastddpm: Denoising Diffusion Probabilistic Models (Ho et al. 2020), exact and fast.
+
+Quick start::
+
+    import fastddpm
+    x = fastddpm.sample("mnist", 16, steps=100, seed=0)   # the bundled MNIST model
+    fastddpm.save_grid(x, "samples.png")
+"""
+
+from .checkpoint import CheckpointError
+from .diffusion import q_posterior, q_sample, reference_sample, training_loss
+from .images import make_grid, save_grid
+from .models.unet import PRESETS, UNet, UNetConfig
+from .pipeline import DDPM, bundled_models, load, save
+from .sampling import sample
+from .schedule import Schedule, ScheduleConfig
+from .train import TrainConfig, Trainer, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "DDPM", "PRESETS", "Schedule", "ScheduleConfig", "TrainConfig", "Trainer",
+    "UNet", "UNetConfig", "bundled_models", "load", "make_grid", "q_posterior", "q_sample",
+    "reference_sample", "sample", "save", "save_grid", "train", "training_loss", "__version__",
+]

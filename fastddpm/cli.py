@@ -1,0 +1,153 @@
+"""The ``fastddpm`` command: ``train``, ``sample``, ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import List, Optional
+
+
+def _threads(n: Optional[int]):
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_train(args) -> int:
+    """Train a model; see ``fastddpm train --help``."""
+    from .train import train
+
+    _threads(args.threads)
+    kwargs = dict(batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
+                  ema_decay=args.ema_decay, amp=args.amp, flip=args.flip, seed=args.seed,
+                  sample_every=args.sample_every, checkpoint_every=args.checkpoint_every)
+    if args.resume:  # keep the run's own settings unless given again explicitly
+        kwargs = {k: v for k, v in kwargs.items() if k in args.explicit}
+    start = time.monotonic()
+    ddpm = train(args.data, out=args.out, steps=args.steps, preset=args.preset, resume=args.resume,
+                 device=args.device, max_minutes=args.max_minutes, progress=not args.quiet, **kwargs)
+    print(f"trained to step {ddpm.step} in {time.monotonic() - start:.0f} s; "
+          f"checkpoint: {os.path.join(args.out, 'checkpoint')}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    """Sample images into a PNG grid (and optionally a .npy array)."""
+    import numpy as np
+
+    from .images import save_grid
+    from .sampling import sample
+
+    _threads(args.threads)
+    start = time.monotonic()
+    x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
+               clip=not args.no_clip, eta=args.eta, seed=args.seed, device=args.device,
+               batch_size=args.batch_size, progress=not args.quiet)
+    save_grid(x, args.out, scale=args.scale)
+    if args.npy:
+        np.save(args.npy, x.cpu().numpy())
+    print(f"wrote {args.n} samples to {args.out} in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+def info() -> dict:
+    """Versions, devices and available op backends, as a dict."""
+    import torch
+
+    from . import __version__, ops
+    from .pipeline import bundled_models
+
+    cuda = torch.cuda.is_available()
+    return {
+        "fastddpm": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "torch_cuda_build": torch.version.cuda, "cuda_available": cuda,
+        "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                              for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
+        "cpu_threads": torch.get_num_threads(), "op_backends": list(ops.available_backends()),
+        "bundled_models": list(bundled_models()),
+    }
+
+
+def cmd_info(args) -> int:
+    """Print :func:`info` as aligned lines or JSON."""
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for k, v in data.items():
+            print(f"{k:18s} {', '.join(map(str, v)) if isinstance(v, list) else v}")
+    return 0
+
+
+class _Explicit(argparse.Action):
+    """Store the value and remember that the user gave the flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.explicit = getattr(namespace, "explicit", set()) | {self.dest}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fastddpm`` command."""
+    p = argparse.ArgumentParser(prog="fastddpm", description="Denoising diffusion probabilistic models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a DDPM (Algorithm 1)")
+    t.add_argument("--data", default="digits", help="digits | mnist | image folder | .npy/.npz file")
+    t.add_argument("--out", required=True, help="run directory (checkpoint, samples, log)")
+    t.add_argument("--preset", default=None, help="U-Net preset (default: the data's name, or cifar10)")
+    t.add_argument("--steps", type=int, default=10000, help="total optimisation steps")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    for flag, typ, default in (("--batch-size", int, 128), ("--lr", float, 2e-4), ("--warmup", int, 5000),
+                               ("--grad-clip", float, 1.0), ("--ema-decay", float, 0.9999),
+                               ("--seed", int, 0), ("--sample-every", int, 0),
+                               ("--checkpoint-every", int, 1000)):
+        t.add_argument(flag, type=typ, default=default, action=_Explicit)
+    t.add_argument("--amp", choices=["bf16", "fp16"], default=None, action=_Explicit)
+    t.add_argument("--flip", action="store_true", help="random horizontal flips")
+    t.set_defaults(func=cmd_train, explicit=set())
+
+    s = sub.add_parser("sample", help="sample images into a PNG grid (Algorithm 2)")
+    s.add_argument("--model", default="mnist", help="checkpoint directory or bundled model name")
+    s.add_argument("--n", type=int, default=16)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--npy", default=None, help="also save the raw samples as .npy")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale")
+    s.add_argument("--variance", choices=["fixed_large", "fixed_small"], default="fixed_large")
+    s.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 to [-1, 1]")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--scale", type=int, default=2, help="pixel upscaling of the PNG")
+    s.set_defaults(func=cmd_sample)
+
+    for sp in (t, s):
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("info", help="versions, devices and available backends")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``fastddpm`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as e:
+        print(f"fastddpm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

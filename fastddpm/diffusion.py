@@ -1,0 +1,103 @@
+"""The forward process, the training loss (Algorithm 1), the posterior, and the textbook sampler.
+
+:func:`reference_sample` is Algorithm 2 written literally from the paper's formulas — the oracle
+the step-coefficient sampler in :mod:`fastddpm.sampling` is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .schedule import PREDICTIONS, Schedule
+
+
+def _check_timesteps(schedule: Schedule, t: torch.Tensor, batch: int) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=torch.int64)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t: expected a scalar or shape [{batch}], got {tuple(t.shape)}")
+    if bool((t < 0).any()) or bool((t >= schedule.T).any()):
+        raise ValueError(f"t: expected timesteps in [0, {schedule.T}), got {t.tolist()}")
+    return t.contiguous()
+
+
+def q_sample(schedule: Schedule, x0: torch.Tensor, t, noise: Optional[torch.Tensor] = None,
+             generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``x_t ~ q(x_t | x_0)`` in closed form; returns ``(x_t, noise)``."""
+    t = _check_timesteps(schedule, t, x0.shape[0]).to(x0.device)
+    return ops.q_sample(x0, t, schedule.table("noising", x0.device), noise, generator=generator)
+
+
+def q_step(schedule: Schedule, x_prev: torch.Tensor, t: int,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One forward step ``x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)``."""
+    beta = float(schedule.betas[t])
+    z = torch.randn(x_prev.shape, generator=generator, dtype=x_prev.dtype, device=x_prev.device)
+    return (1.0 - beta) ** 0.5 * x_prev + beta**0.5 * z
+
+
+def _bcast(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device)[t].reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def q_posterior(schedule: Schedule, x0: torch.Tensor, xt: torch.Tensor,
+                t) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``q(x_{t-1} | x_t, x_0)`` (eqs. 6-7); variance shaped for broadcasting."""
+    t = _check_timesteps(schedule, t, x0.shape[0]).to(x0.device)
+    mean = _bcast(schedule.posterior_c0, t, x0) * x0 + _bcast(schedule.posterior_ct, t, x0) * xt
+    return mean, _bcast(schedule.var_small, t, x0)
+
+
+def training_target(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                    prediction: str = "eps") -> torch.Tensor:
+    """What the network regresses: eps (the paper), x0, or v = sqrt(abar) eps - sqrt(1-abar) x0."""
+    if prediction == "eps":
+        return noise
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return _bcast(schedule.sqrt_abar, t, x0) * noise - _bcast(schedule.sqrt_one_minus_abar, t, x0) * x0
+    raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+
+
+def training_loss(model: Callable, schedule: Schedule, x0: torch.Tensor, prediction: str = "eps",
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Algorithm 1: t ~ Uniform{0..T-1}, eps ~ N(0, I), loss = ||target - model(x_t, t)||^2 (mean)."""
+    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    xt, noise = ops.q_sample(x0, t, schedule.table("noising", x0.device), noise)
+    out = model(xt, schedule.timesteps.to(x0.device)[t])
+    return F.mse_loss(out.float(), training_target(schedule, x0, noise, t, prediction).float())
+
+
+@torch.no_grad()
+def reference_sample(model: Callable, schedule: Schedule, shape, *, variance: str = "fixed_large",
+                     clip: bool = False, generator: Optional[torch.Generator] = None,
+                     device="cpu") -> torch.Tensor:
+    """Algorithm 2 from the paper's formulas, for an eps-predicting model. The oracle sampler.
+
+    Without clipping: ``x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z``.
+    With clipping: the posterior mean of eq. 7 evaluated at x0 clipped to [-1, 1].
+    Noise order: ``x_T`` first, then one draw per step for every t > 0 (none at t = 0).
+    """
+    x = torch.randn(shape, generator=generator, device=device)
+    sigma = schedule.variance(variance).sqrt()
+    for i in reversed(range(schedule.T)):
+        t = torch.full((shape[0],), i, dtype=torch.int64, device=device)
+        eps = model(x, schedule.timesteps.to(device)[t]).double()
+        xd = x.double()
+        if clip:
+            x0 = (schedule.sqrt_recip_abar[i] * xd - schedule.sqrt_recipm1_abar[i] * eps).clamp(-1, 1)
+            mean = schedule.posterior_c0[i] * x0 + schedule.posterior_ct[i] * xd
+        else:
+            mean = (xd - schedule.betas[i] / schedule.sqrt_one_minus_abar[i] * eps) / schedule.alphas[i].sqrt()
+        if i > 0:
+            z = torch.randn(shape, generator=generator, device=device)
+            mean = mean + sigma[i] * z.double()
+        x = mean.float()
+    return x

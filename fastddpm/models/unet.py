@@ -1,0 +1,260 @@
+"""The U-Net of Ho et al. 2020 (appendix B; the official diffusion_tf `models/unet.py`), exactly.
+
+Sinusoidal timestep embedding -> dense(4ch) -> SiLU -> dense(4ch); ResBlocks
+``GN -> SiLU -> conv3x3 -> (+ dense(SiLU(temb))) -> GN -> SiLU -> dropout -> conv3x3`` with the time
+embedding added in every block; single-head self-attention at the chosen resolutions and in the
+middle; stride-2 conv downsampling, nearest + conv upsampling; the last conv of every residual
+branch and the output conv are zero-initialised. The GroupNorm that follows the temb injection is
+one fused op (``fastddpm.ops.group_norm_act``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture hyper-parameters; what a checkpoint stores to rebuild the model."""
+
+    resolution: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: Tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    groups: int = 32
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        for name in ("resolution", "in_channels", "out_channels", "ch", "num_res_blocks", "groups"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
+            raise ValueError(f"ch_mult: expected positive ints, got {self.ch_mult!r}")
+        if self.resolution % 2 ** (len(self.ch_mult) - 1):
+            raise ValueError(f"resolution: {self.resolution} is not divisible by "
+                             f"2**{len(self.ch_mult) - 1} (one halving per extra ch_mult level)")
+        for m in self.ch_mult:
+            if (self.ch * m) % self.groups:
+                raise ValueError(f"groups: {self.groups} does not divide the channel count "
+                                 f"{self.ch * m} (ch={self.ch} x mult {m})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        """Return a JSON-serializable dict."""
+        d = asdict(self)
+        d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        """Build from :meth:`to_dict` output, rejecting unknown keys."""
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"model config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: Dict[str, UNetConfig] = {
+    # The paper's CIFAR-10 model: 35.7M parameters.
+    "cifar10": UNetConfig(),
+    # The paper's CelebA-HQ / LSUN 256x256 model: ~114M parameters.
+    "celebahq": UNetConfig(resolution=256, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+    # MNIST 28x28 padded to 32x32; small enough to train on 2 CPU cores.
+    "mnist": UNetConfig(resolution=32, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2),
+                        num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, groups=8),
+    # sklearn digits 8x8: tiny, for tests and demos.
+    "digits": UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2),
+                         num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, groups=8),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The transformer sinusoidal embedding of integer timesteps, as in the official DDPM code.
+
+    ``[sin(t * f_0..f_{h-1}), cos(...)]`` with ``f_i = exp(-log(10000) i / (h - 1))``, ``h = dim // 2``.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32)
+                      * (-math.log(10000.0) / (half - 1)))
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNormAct(nn.GroupNorm):
+    """GroupNorm (+ optional per-channel embedding added first) + optional SiLU, as one fused op."""
+
+    def __init__(self, groups: int, channels: int, eps: float, act: bool = True):
+        super().__init__(groups, channels, eps)
+        self.act = "silu" if act else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor = None) -> torch.Tensor:  # noqa: D102
+        return ops.group_norm_act(x, self.weight, self.bias, self.num_groups, self.eps, temb,
+                                  self.act)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block with the time embedding injected before the second GroupNorm."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = GroupNormAct(groups, in_ch, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = GroupNormAct(groups, out_ch, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        h = self.conv1(self.norm1(x))
+        h = self.norm2(h, self.temb_proj(F.silu(temb)))
+        h = self.conv2(self.dropout(h))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with a residual connection."""
+
+    def __init__(self, ch: int, groups: int, eps: float):
+        super().__init__()
+        self.norm = GroupNormAct(groups, ch, eps, act=False)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj_out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """3x3 conv with stride 2, padded (0, 1, 0, 1) like TensorFlow's SAME padding."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net: ``model(x, t) -> eps`` (same shape as ``x``); ``t`` is ``[B]`` timesteps."""
+
+    def __init__(self, config: UNetConfig = None, **overrides):
+        super().__init__()
+        config = replace(config or UNetConfig(), **overrides)
+        self.config = config
+        ch, temb_ch, g, eps = config.ch, 4 * config.ch, config.groups, config.norm_eps
+        self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_chs, cur, res = [ch], ch, config.resolution
+        for level, mult in enumerate(config.ch_mult):
+            for _ in range(config.num_res_blocks):
+                self.down.append(self._stage(cur, ch * mult, res, temb_ch))
+                cur = ch * mult
+                skip_chs.append(cur)
+            if level != len(config.ch_mult) - 1:
+                self.down.append(Downsample(cur))
+                skip_chs.append(cur)
+                res //= 2
+
+        self.mid1 = ResBlock(cur, cur, temb_ch, config.dropout, g, eps)
+        self.mid_attn = AttnBlock(cur, g, eps)
+        self.mid2 = ResBlock(cur, cur, temb_ch, config.dropout, g, eps)
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.ch_mult))):
+            for _ in range(config.num_res_blocks + 1):
+                self.up.append(self._stage(cur + skip_chs.pop(), ch * mult, res, temb_ch))
+                cur = ch * mult
+            if level != 0:
+                self.up.append(Upsample(cur))
+                res *= 2
+
+        self.norm_out = GroupNormAct(g, cur, eps)
+        self.conv_out = _zero(nn.Conv2d(cur, config.out_channels, 3, padding=1))
+
+    def _stage(self, in_ch: int, out_ch: int, res: int, temb_ch: int) -> nn.ModuleDict:
+        c = self.config
+        stage = nn.ModuleDict({"res": ResBlock(in_ch, out_ch, temb_ch, c.dropout, c.groups, c.norm_eps)})
+        if res in c.attn_resolutions:
+            stage["attn"] = AttnBlock(out_ch, c.groups, c.norm_eps)
+        return stage
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "UNet":
+        """Build a preset architecture: one of ``cifar10``, ``celebahq``, ``mnist``, ``digits``."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+        return cls(PRESETS[name], **overrides)
+
+    @staticmethod
+    def _run_stage(stage: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if isinstance(stage, nn.ModuleDict):
+            h = stage["res"](h, temb)
+            return stage["attn"](h) if "attn" in stage else h
+        return stage(h)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict the noise in ``x`` (``[B, C, H, W]``) at integer timesteps ``t`` (``[B]``)."""
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels or x.shape[-1] % 2 ** (len(c.ch_mult) - 1) \
+                or x.shape[-2] % 2 ** (len(c.ch_mult) - 1):
+            raise ValueError(f"x: expected [B, {c.in_channels}, H, W] with H and W divisible by "
+                             f"{2 ** (len(c.ch_mult) - 1)}, got {tuple(x.shape)}")
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        temb = self.temb(timestep_embedding(t, c.ch).to(x.dtype))
+        hs = [self.conv_in(x)]
+        for stage in self.down:
+            hs.append(self._run_stage(stage, hs[-1], temb))
+        h = self.mid2(self.mid_attn(self.mid1(hs[-1], temb)), temb)
+        for stage in self.up:
+            if isinstance(stage, nn.ModuleDict):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = self._run_stage(stage, h, temb)
+        return self.conv_out(self.norm_out(h))
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,107 @@
+"""The three fused ops of DESIGN.md section 3, behind one interface.
+
+Each op has exactly one public function here. ``backend`` selects the implementation:
+``"reference"`` (pure PyTorch, always available) or ``"auto"`` (the fastest available for the
+tensor's device; today that is the reference). Inputs are validated here, once, so every backend
+sees well-formed tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+
+BACKENDS = {"reference": reference}
+
+
+def available_backends() -> Tuple[str, ...]:
+    """Names of the op backends usable in this process."""
+    return tuple(BACKENDS)
+
+
+def _impl(backend: str, device: torch.device):
+    if backend == "auto":
+        return reference
+    try:
+        return BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, "
+                         f"got {backend!r}") from None
+
+
+def _check_t(t: torch.Tensor, x: torch.Tensor, table: torch.Tensor, table_name: str, cols: int):
+    if not torch.is_tensor(t) or t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"t: expected an int64 tensor of shape [{x.shape[0]}], got "
+                         f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    if t.device != x.device:
+        raise ValueError(f"t: expected device {x.device}, got {t.device}")
+    if table.dim() != 2 or table.shape[1] != cols or table.dtype != torch.float32:
+        raise ValueError(f"{table_name}: expected a float32 [T, {cols}] table, got "
+                         f"{table.dtype} {tuple(table.shape)}")
+    if table.device != x.device:
+        raise ValueError(f"{table_name}: expected device {x.device}, got {table.device}")
+
+
+def _check_like(name: str, y: Optional[torch.Tensor], x: torch.Tensor):
+    if y is None:
+        return
+    if y.shape != x.shape or y.device != x.device:
+        raise ValueError(f"{name}: expected shape {tuple(x.shape)} on {x.device}, got "
+                         f"{tuple(y.shape)} on {y.device}")
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+             noise: Optional[torch.Tensor] = None, *, generator: Optional[torch.Generator] = None,
+             backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Noise ``x0`` to timestep ``t``: returns ``(x_t, noise)``.
+
+    ``table`` is ``schedule.table("noising", device)``; ``noise`` is drawn when None.
+    """
+    _check_t(t, x0, table, "table", 2)
+    _check_like("noise", noise, x0)
+    return _impl(backend, x0.device).q_sample(x0, t, table, noise, generator=generator)
+
+
+def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs: torch.Tensor,
+              noise: Optional[torch.Tensor] = None, clip: Optional[float] = None, *,
+              generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None,
+              backend: str = "auto") -> torch.Tensor:
+    """One reverse step of any sampler (DESIGN.md section 2) with coefficient table ``coeffs``.
+
+    ``coeffs`` is ``schedule.table("step", device, ...)``; ``clip`` bounds x0 to ``[-clip, clip]``.
+    """
+    _check_t(t, x, coeffs, "coeffs", 6)
+    _check_like("model_out", model_out, x)
+    _check_like("noise", noise, x)
+    _check_like("out", out, x)
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise ValueError(f"clip: expected None or a positive float, got {clip!r}")
+    return _impl(backend, x.device).ddpm_step(x, model_out, t, coeffs, noise, clip,
+                                              generator=generator, out=out)
+
+
+def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   groups: int, eps: float = 1e-6, temb: Optional[torch.Tensor] = None,
+                   act: Optional[str] = "silu", *, backend: str = "auto") -> torch.Tensor:
+    """``act(GroupNorm(x + temb[:, :, None, None]) * weight + bias)`` in one op.
+
+    ``act`` is ``"silu"`` or None; ``temb`` is ``[B, C]`` or None.
+    """
+    if x.dim() < 3:
+        raise ValueError(f"x: expected [B, C, ...] with at least 3 dims, got {tuple(x.shape)}")
+    C = x.shape[1]
+    if not isinstance(groups, int) or groups < 1 or C % groups:
+        raise ValueError(f"groups: expected a positive divisor of C={C}, got {groups!r}")
+    if temb is not None and (tuple(temb.shape) != (x.shape[0], C) or temb.device != x.device):
+        raise ValueError(f"temb: expected shape {(x.shape[0], C)} on {x.device}, got "
+                         f"{tuple(temb.shape)} on {temb.device}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and (tuple(p.shape) != (C,) or p.device != x.device):
+            raise ValueError(f"{name}: expected shape ({C},) on {x.device}, got "
+                             f"{tuple(p.shape)} on {p.device}")
+    if act not in ("silu", None):
+        raise ValueError(f"act: expected 'silu' or None, got {act!r}")
+    return _impl(backend, x.device).group_norm_act(x, weight, bias, groups, eps, temb, act)

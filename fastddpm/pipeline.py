@@ -1,0 +1,129 @@
+"""A trained diffusion model as one object (U-Net + schedule + prediction type), and its files.
+
+``load`` / ``save`` are the public checkpoint functions; ``resolve_model`` turns whatever a user
+passes to ``sample`` (a DDPM, a UNet, an ``eps_model(x, t)`` callable, a checkpoint path or the
+name of a bundled model) into a :class:`DDPM`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .models.unet import UNet, UNetConfig
+from .schedule import PREDICTIONS, Schedule, ScheduleConfig
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+def bundled_models() -> tuple:
+    """Names of the pretrained checkpoints shipped inside the package."""
+    if not os.path.isdir(WEIGHTS_DIR):
+        return ()
+    return tuple(sorted(d for d in os.listdir(WEIGHTS_DIR)
+                        if os.path.isfile(os.path.join(WEIGHTS_DIR, d, "config.json"))))
+
+
+@dataclass
+class DDPM:
+    """An ``eps_model(x, t)`` (usually a :class:`UNet`), its noise schedule and prediction type."""
+
+    model: Callable
+    schedule: Schedule
+    prediction: str = "eps"
+    step: int = 0
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {self.prediction!r}")
+
+    @property
+    def image_shape(self):
+        """``(C, H, W)`` of the images the model generates, when it is a UNet."""
+        cfg = getattr(self.model, "config", None)
+        if isinstance(cfg, UNetConfig):
+            return (cfg.in_channels, cfg.resolution, cfg.resolution)
+        return None
+
+    def config_dict(self) -> dict:
+        """The JSON config stored in checkpoints."""
+        if not isinstance(self.model, UNet):
+            raise TypeError(f"model: only a fastddpm UNet can be saved, got {type(self.model).__name__}")
+        if self.schedule.config is None or self.schedule.T != self.schedule.config.T:
+            raise ValueError("schedule: only a full schedule built from a ScheduleConfig can be saved")
+        return {"model": self.model.config.to_dict(), "schedule": self.schedule.config.to_dict(),
+                "prediction": self.prediction, "step": self.step}
+
+
+def save(ddpm: Union[DDPM, UNet], path: str, *, schedule: Optional[Schedule] = None,
+         ema: Optional[torch.nn.Module] = None, weights_dtype: Optional[torch.dtype] = None) -> str:
+    """Save a model (and optionally its EMA weights) as a checkpoint directory, atomically."""
+    if isinstance(ddpm, UNet):
+        ddpm = DDPM(ddpm, schedule or Schedule.linear())
+    elif not isinstance(ddpm, DDPM):
+        raise TypeError(f"ddpm: expected a DDPM or UNet, got {type(ddpm).__name__}")
+    return write_checkpoint(path, ddpm.config_dict(), ddpm.model, ema=ema, weights_dtype=weights_dtype)
+
+
+def _build(config: dict, state: dict, path: str) -> DDPM:
+    try:
+        model_cfg = UNetConfig.from_dict(config["model"])
+        sched_cfg = ScheduleConfig.from_dict(config["schedule"])
+        prediction = config.get("prediction", "eps")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint: {path!r} has an invalid config ({e})") from None
+    model = UNet(model_cfg)
+    ref = model.state_dict()
+    state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
+    missing, unexpected = set(ref) - set(state), set(state) - set(ref)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint: {path!r} weights do not match its model config "
+                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint: {path!r} weights do not match its model config ({e})") from None
+    model.eval()
+    return DDPM(model, Schedule.from_config(sched_cfg), prediction, int(config.get("step", 0)))
+
+
+def load(path: str, *, ema: bool = True, device="cpu") -> DDPM:
+    """Load a checkpoint directory, a training run directory (its ``checkpoint``), or a bundled
+    model by name (e.g. ``"mnist"``) as a :class:`DDPM`.
+
+    With ``ema=True`` the EMA weights are used when the checkpoint has them.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a checkpoint path or bundled model name, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path) and path in bundled_models():
+        path = os.path.join(WEIGHTS_DIR, path)
+    if not os.path.exists(path) and os.sep not in path and not path.startswith("."):
+        raise CheckpointError(f"checkpoint: {path!r} is neither an existing path nor a bundled "
+                              f"model (bundled: {list(bundled_models())})")
+    run_checkpoint = os.path.join(path, "checkpoint")
+    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(run_checkpoint):
+        path = run_checkpoint  # a training run directory: use its latest checkpoint
+    ckpt = read_checkpoint(path)
+    state = ckpt.ema if (ema and ckpt.ema is not None) else ckpt.model
+    ddpm = _build(ckpt.config, state, path)
+    ddpm.model.to(device)
+    return ddpm
+
+
+def resolve_model(model_or_path, device: torch.device) -> DDPM:
+    """Turn a DDPM, UNet, eps-model callable, checkpoint path or bundled name into a DDPM."""
+    if isinstance(model_or_path, DDPM):
+        return model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        return load(model_or_path, device=device)
+    if isinstance(model_or_path, UNet):
+        return DDPM(model_or_path, Schedule.linear())
+    if callable(model_or_path):
+        return DDPM(model_or_path, Schedule.linear())
+    raise TypeError(f"model_or_path: expected a DDPM, UNet, eps_model(x, t) callable, checkpoint "
+                    f"path or bundled name, got {type(model_or_path).__name__}")

@@ -1,0 +1,23 @@
+"""Small shared helpers: device resolution and argument checks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device) -> torch.device:
+    """Parse ``device`` (a string or torch.device) and check that it exists in this process."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:0', "
+                         f"got {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} requested but only "
+                             f"{torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type not in ("cpu", "mps", "xpu", "meta"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
