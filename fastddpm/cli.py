@@ -69,6 +69,7 @@ def info() -> dict:
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
                               for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
         "cpu_threads": torch.get_num_threads(), "op_backends": list(ops.available_backends()),
+        "native_extension": ops.native_status(),
         "bundled_models": list(bundled_models()),
     }
 

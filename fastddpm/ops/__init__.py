@@ -1,9 +1,13 @@
 """The three fused ops of DESIGN.md section 3, behind one interface.
 
 Each op has exactly one public function here. ``backend`` selects the implementation:
-``"reference"`` (pure PyTorch, always available) or ``"auto"`` (the fastest available for the
-tensor's device; today that is the reference). Inputs are validated here, once, so every backend
-sees well-formed tensors.
+``"reference"`` (pure PyTorch, always available), ``"native"`` (the compiled csrc kernels, when
+built) or ``"auto"`` (native where it has kernels for the tensor's device, else the reference).
+Inputs are validated here, once, so every backend sees well-formed tensors.
+
+Noise: pass ``noise``; or a ``generator`` (drawn with ``torch.randn``: bit-compatible with the
+reference); or neither, and the native kernels draw counter-based Philox noise in-kernel from
+``rng`` (a :class:`PhiloxState`, or a per-device default one).
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
+from . import _native, reference
+from .philox import PhiloxState, philox_normal
 
 BACKENDS = {"reference": reference}
+if _native.AVAILABLE:
+    BACKENDS["native"] = _native
 
 
 def available_backends() -> Tuple[str, ...]:
@@ -22,8 +29,17 @@ def available_backends() -> Tuple[str, ...]:
     return tuple(BACKENDS)
 
 
+def native_status() -> str:
+    """One line on the native extension: what it carries, or why it is unavailable."""
+    if not _native.AVAILABLE:
+        return f"unavailable ({_native.ERROR})"
+    return "cpu + cuda kernels" if _native.cuda_available() else "cpu kernels"
+
+
 def _impl(backend: str, device: torch.device):
     if backend == "auto":
+        if _native.AVAILABLE and (device.type == "cpu" or (device.type == "cuda" and _native.cuda_available())):
+            return _native
         return reference
     try:
         return BACKENDS[backend]
@@ -55,20 +71,20 @@ def _check_like(name: str, y: Optional[torch.Tensor], x: torch.Tensor):
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
              noise: Optional[torch.Tensor] = None, *, generator: Optional[torch.Generator] = None,
-             backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+             rng: Optional[PhiloxState] = None, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Noise ``x0`` to timestep ``t``: returns ``(x_t, noise)``.
 
     ``table`` is ``schedule.table("noising", device)``; ``noise`` is drawn when None.
     """
     _check_t(t, x0, table, "table", 2)
     _check_like("noise", noise, x0)
-    return _impl(backend, x0.device).q_sample(x0, t, table, noise, generator=generator)
+    return _impl(backend, x0.device).q_sample(x0, t, table, noise, generator=generator, rng=rng)
 
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs: torch.Tensor,
               noise: Optional[torch.Tensor] = None, clip: Optional[float] = None, *,
               generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None,
-              backend: str = "auto") -> torch.Tensor:
+              rng: Optional[PhiloxState] = None, backend: str = "auto") -> torch.Tensor:
     """One reverse step of any sampler (DESIGN.md section 2) with coefficient table ``coeffs``.
 
     ``coeffs`` is ``schedule.table("step", device, ...)``; ``clip`` bounds x0 to ``[-clip, clip]``.
@@ -80,7 +96,7 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs:
     if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
         raise ValueError(f"clip: expected None or a positive float, got {clip!r}")
     return _impl(backend, x.device).ddpm_step(x, model_out, t, coeffs, noise, clip,
-                                              generator=generator, out=out)
+                                              generator=generator, out=out, rng=rng)
 
 
 def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -95,6 +111,9 @@ def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     C = x.shape[1]
     if not isinstance(groups, int) or groups < 1 or C % groups:
         raise ValueError(f"groups: expected a positive divisor of C={C}, got {groups!r}")
+    if x.numel() and x.numel() // (x.shape[0] * groups) < 2:
+        raise ValueError(f"groups: each group must hold more than one value; {groups} groups of "
+                         f"x {tuple(x.shape)} hold {x.numel() // (x.shape[0] * groups)}")
     if temb is not None and (tuple(temb.shape) != (x.shape[0], C) or temb.device != x.device):
         raise ValueError(f"temb: expected shape {(x.shape[0], C)} on {x.device}, got "
                          f"{tuple(temb.shape)} on {temb.device}")

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .philox import PhiloxState, philox_normal
+
 
 def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> Tuple[torch.Tensor, ...]:
     """Gather ``table[t]`` and split it into columns shaped ``[B, 1, 1, ...]`` for broadcasting."""
@@ -20,31 +22,46 @@ def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> Tuple[torch.
     return tuple(rows[:, i].reshape(shape) for i in range(table.shape[1]))
 
 
+def _draw(x: torch.Tensor, generator: Optional[torch.Generator], rng: Optional[PhiloxState]) -> torch.Tensor:
+    """Noise like ``x``: the Philox stream of ``rng`` (then advanced), else ``torch.randn``."""
+    if rng is not None:
+        seed, offset = rng.tensor.tolist()
+        rng.advance()
+        z = philox_normal(x.numel(), seed, offset, device=x.device).to(x.dtype)
+        return z.reshape(x.shape)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _opmath(x: torch.Tensor) -> torch.Tensor:
+    """x in the dtype arithmetic is done in: float32 for 16-bit floats, else its own."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-             noise: Optional[torch.Tensor] = None,
-             generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+             rng: Optional[PhiloxState] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(x_t, noise)`` with ``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise``."""
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = _draw(x0, generator, rng)
     a, b = _per_sample(table, t, x0.dim())
-    xt = a * x0.float() + b * noise.float()
+    xt = a * _opmath(x0) + b * _opmath(noise)
     return xt.to(x0.dtype), noise
 
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs: torch.Tensor,
               noise: Optional[torch.Tensor] = None, clip: Optional[float] = None,
-              generator: Optional[torch.Generator] = None,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None,
+              rng: Optional[PhiloxState] = None) -> torch.Tensor:
     """One reverse step: ``x0 = p x - q m`` (clipped to ``[-clip, clip]`` when given), then
-    ``m1 x0 + m2 x + m3 m + s z``. ``z`` is ``noise``, or drawn with ``torch.randn`` when None."""
+    ``m1 x0 + m2 x + m3 m + s z``. ``z`` is ``noise``, else drawn (see :func:`_draw`)."""
     p, q, m1, m2, m3, s = _per_sample(coeffs, t, x.dim())
-    xf, mf = x.float(), model_out.float()
+    xf, mf = _opmath(x), _opmath(model_out)
     x0 = p * xf - q * mf
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
     if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    result = (m1 * x0 + m2 * xf + m3 * mf + s * noise.float()).to(x.dtype)
+        noise = _draw(x, generator, rng)
+    result = (m1 * x0 + m2 * xf + m3 * mf + s * _opmath(noise)).to(x.dtype)
     if out is not None:
         out.copy_(result)
         return out

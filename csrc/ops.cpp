@@ -1,0 +1,23 @@
+// The schemas of the three fused ops (one place) and the Python module stub that loads them.
+// Implementations register per device in cpu/ and cuda/; fake kernels and autograd live in
+// fastddpm/ops/_native.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import fastddpm._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastddpm, m) {
+  // (x_t, noise); noise is empty when given as input. rng_state = int64 [seed, offset].
+  m.def("q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, Tensor? rng_state) -> (Tensor, Tensor)");
+  m.def("ddpm_step(Tensor x, Tensor model_out, Tensor t, Tensor coeffs, Tensor? noise, "
+        "Tensor? rng_state, float? clip) -> Tensor");
+  // (y, mean, rstd); mean and rstd are [B, groups], saved for the backward.
+  m.def("group_norm_act(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, Tensor? temb, "
+        "bool silu) -> (Tensor, Tensor, Tensor)");
+}
