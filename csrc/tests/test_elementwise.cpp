@@ -1,0 +1,75 @@
+// Native unit tests of the per-element math shared by the CPU and CUDA kernels (run by ctest).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "fastddpm/elementwise.h"
+
+using namespace fastddpm;
+
+static int failures = 0;
+#define EXPECT(cond)                                                  \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                     \
+    }                                                                 \
+  } while (0)
+
+static uint64_t pack(uint32_t lo, uint32_t hi) { return (static_cast<uint64_t>(hi) << 32) | lo; }
+
+// Known-answer vectors of Random123's Philox4x32-10 (kat_vectors).
+static void test_philox_known_answers() {
+  struct Kat { uint32_t ctr[4], key[2], out[4]; } kats[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff},
+       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0},
+       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
+  };
+  for (const Kat& k : kats) {
+    const U32x4 r = philox4x32_10(pack(k.ctr[0], k.ctr[1]), pack(k.ctr[2], k.ctr[3]), pack(k.key[0], k.key[1]));
+    for (int i = 0; i < 4; ++i) EXPECT(r.v[i] == k.out[i]);
+  }
+}
+
+static void test_normals_are_finite_and_standard() {
+  double sum = 0, sq = 0;
+  const int blocks = 1 << 16;
+  float z[4];
+  for (int b = 0; b < blocks; ++b) {
+    normal4(b, 3, 42, z);
+    for (float v : z) {
+      EXPECT(std::isfinite(v));
+      sum += v;
+      sq += static_cast<double>(v) * v;
+    }
+  }
+  const double n = 4.0 * blocks, mean = sum / n, var = sq / n - mean * mean;
+  EXPECT(std::fabs(mean) < 5 / std::sqrt(n));
+  EXPECT(std::fabs(var - 1) < 5 * std::sqrt(2 / n));
+  EXPECT(uniform_open0(0) > 0.0f && uniform_open0(0xffffffffu) == 1.0f);
+}
+
+static void test_step_and_noising_formulas() {
+  const float c[kStepColumns] = {2.0f, 0.5f, 0.25f, 0.75f, 0.1f, 0.3f};
+  // x0 = 2*1 - 0.5*4 = 0; out = 0.25*0 + 0.75*1 + 0.1*4 + 0.3*2
+  EXPECT(std::fabs(ddpm_step_elem<float>(1.f, 4.f, 2.f, c, false, 0.f) - (0.75f + 0.4f + 0.6f)) < 1e-6f);
+  // x0 = 2*3 - 0.5*0 = 6, clipped to 1: out = 0.25 + 0.75*3
+  EXPECT(std::fabs(ddpm_step_elem<float>(3.f, 0.f, 0.f, c, true, 1.f) - (0.25f + 2.25f)) < 1e-6f);
+  EXPECT(std::fabs(ddpm_step_elem<float>(-3.f, 0.f, 0.f, c, true, 1.f) - (-0.25f - 2.25f)) < 1e-6f);
+  EXPECT(q_sample_elem<double>(2.0, 3.0, 0.6, 0.8) == 0.6 * 2.0 + 0.8 * 3.0);
+  EXPECT(std::fabs(silu<double>(1.0) - 1.0 / (1.0 + std::exp(-1.0))) < 1e-15);
+}
+
+int main() {
+  test_philox_known_answers();
+  test_normals_are_finite_and_standard();
+  test_step_and_noising_formulas();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return EXIT_FAILURE;
+  }
+  std::printf("test_elementwise: all checks passed\n");
+  return EXIT_SUCCESS;
+}
