@@ -8,7 +8,6 @@ device (an in-place add), so a captured CUDA graph draws fresh noise on every re
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -61,12 +60,53 @@ def philox4x32_10(counter: torch.Tensor, offset: int, seed: int) -> torch.Tensor
     return torch.stack([c0, c1, c2, c3], dim=1)
 
 
+def _noise_log(x: torch.Tensor) -> torch.Tensor:
+    """float32 log on (0, 1], the same operations as ``noise_log`` in elementwise.h (Cephes logf)."""
+    bits = x.view(torch.int32).to(torch.int64) & _MASK
+    e = ((bits >> 23) & 0xFF) - 126
+    m = ((bits & 0x007FFFFF) | 0x3F000000).to(torch.int32).view(torch.float32)
+    small = m < 0.70710678118654752
+    e = torch.where(small, e - 1, e)
+    t = torch.where(small, (m + m) - 1.0, m - 1.0)
+    z = t * t
+    y = torch.full_like(t, 7.0376836292e-2)
+    for coef in (-1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+                 -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1):
+        y = y * t + coef
+    y = y * t * z
+    fe = e.to(torch.float32)
+    y = y + -2.12194440e-4 * fe
+    y = y + -0.5 * z
+    return (t + y) + 0.693359375 * fe
+
+
+def _noise_sincos_2pi(u: torch.Tensor):
+    """float32 (sin, cos) of 2 pi u, as ``noise_sincos_2pi`` in elementwise.h."""
+    v = 4.0 * u
+    q = (v + 0.5).to(torch.int32)
+    x = (v - q.to(torch.float32)) * 1.57079632679489662
+    z = x * x
+    sp = torch.full_like(x, -1.9515295891e-4)
+    sp = sp * z + 8.3321608736e-3
+    sp = sp * z - 1.6666654611e-1
+    sp = sp * z * x + x
+    cp = torch.full_like(x, 2.443315711809948e-5)
+    cp = cp * z - 1.388731625493765e-3
+    cp = cp * z + 4.166664568298827e-2
+    cp = cp * z * z - 0.5 * z + 1.0
+    k = (q & 3)[..., None]
+    table_s = torch.stack([sp, cp, -sp, -cp], dim=-1)
+    table_c = torch.stack([cp, -sp, -cp, sp], dim=-1)
+    return table_s.gather(-1, k.long())[..., 0], table_c.gather(-1, k.long())[..., 0]
+
+
 def philox_normal(numel: int, seed: int, offset: int, device="cpu") -> torch.Tensor:
-    """``numel`` float32 normals of stream ``(seed, offset)``, as the native kernels draw them."""
+    """``numel`` float32 normals of stream ``(seed, offset)``: the same bits the native kernels draw."""
     blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     r = philox4x32_10(blocks, offset, seed)
-    u = ((r >> 8).float() + 1.0) * 5.9604644775390625e-08  # (0, 1]
-    radius = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
-    angle = 2 * math.pi * u[:, 1::2]
-    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2)  # [n, 2, 2]
+    u = ((r >> 8).to(torch.float32) + 1.0) * 5.9604644775390625e-08  # (0, 1]
+    # sqrt via float64: torch's float32 CPU sqrt is not always correctly rounded, sqrtf is
+    radius = torch.sqrt((-2.0 * _noise_log(u[:, 0::2])).double()).float()
+    sin, cos = _noise_sincos_2pi(u[:, 1::2])
+    z = torch.stack([radius * cos, radius * sin], dim=2)  # [blocks, pair, (cos, sin)]
     return z.reshape(-1)[:numel]

@@ -69,17 +69,87 @@ FDDPM_UNROLL
 // A uint32 to a float in (0, 1]: never 0, so log() is finite.
 FDDPM_HD float uniform_open0(uint32_t u) { return (static_cast<float>(u >> 8) + 1.0f) * 5.9604644775390625e-08f; }
 
-// Four standard normals from one Philox block.
+FDDPM_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+FDDPM_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// Branch-free float log for x in (0, 1] (Cephes logf: a few ulp), so the CPU loop vectorizes and
+// every device computes the same bits. Mirrored in fastddpm/ops/philox.py.
+FDDPM_HD float noise_log(float x) {
+  const uint32_t bits = float_bits(x);
+  const float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);  // x = m 2^e, m in [0.5, 1)
+  const bool small = m < 0.70710678118654752f;
+  // float selects only (no integer ternary), so the loop if-converts and vectorizes
+  const float fe = static_cast<float>(static_cast<int>(bits >> 23) - 126) - (small ? 1.0f : 0.0f);
+  const float t = m * (small ? 2.0f : 1.0f) - 1.0f;  // (m + m) - 1 or m - 1, exactly
+  const float z = t * t;
+  float y = 7.0376836292e-2f;
+  y = y * t - 1.1514610310e-1f;
+  y = y * t + 1.1676998740e-1f;
+  y = y * t - 1.2420140846e-1f;
+  y = y * t + 1.4249322787e-1f;
+  y = y * t - 1.6668057665e-1f;
+  y = y * t + 2.0000714765e-1f;
+  y = y * t - 2.4999993993e-1f;
+  y = y * t + 3.3333331174e-1f;
+  y = y * t * z;
+  y = y + -2.12194440e-4f * fe;
+  y = y + -0.5f * z;
+  return (t + y) + 0.693359375f * fe;
+}
+
+// sin and cos of 2 pi u for u in (0, 1]: quadrant reduction, then Cephes polynomials on [-pi/4, pi/4].
+FDDPM_HD void noise_sincos_2pi(float u, float& s, float& c) {
+  const float v = 4.0f * u;
+  const int q = static_cast<int>(v + 0.5f);  // nearest quadrant, v > 0
+  const float x = (v - static_cast<float>(q)) * 1.57079632679489662f;
+  const float z = x * x;
+  float sp = -1.9515295891e-4f;
+  sp = sp * z + 8.3321608736e-3f;
+  sp = sp * z - 1.6666654611e-1f;
+  sp = sp * z * x + x;
+  float cp = 2.443315711809948e-5f;
+  cp = cp * z - 1.388731625493765e-3f;
+  cp = cp * z + 4.166664568298827e-2f;
+  cp = cp * z * z - 0.5f * z + 1.0f;
+  // quadrant k: sin = (sp, cp, -sp, -cp)[k], cos = (cp, -sp, -cp, sp)[k]; selects, no branches
+  const bool odd = (q & 1) != 0;
+  const float s_sign = (q & 2) ? -1.0f : 1.0f;
+  const float c_sign = ((q + 1) & 2) ? -1.0f : 1.0f;
+  s = (odd ? cp : sp) * s_sign;
+  c = (odd ? sp : cp) * c_sign;
+}
+
+// Box-Muller: two standard normals from two uniform bit patterns (a -> radius, b -> angle).
+FDDPM_HD void normal_pair(uint32_t a, uint32_t b, float& z0, float& z1) {
+  const float radius = sqrtf(-2.0f * noise_log(uniform_open0(a)));
+  float s, c;
+  noise_sincos_2pi(uniform_open0(b), s, c);
+  z0 = radius * c;
+  z1 = radius * s;
+}
+
+// Four standard normals from one Philox block: pairs (lane 0, lane 1) and (lane 2, lane 3).
 FDDPM_HD void normal4(uint64_t block, uint64_t offset, uint64_t seed, float out[4]) {
   const U32x4 r = philox4x32_10(block, offset, seed);
-  const float two_pi = 6.283185307179586f;
-FDDPM_UNROLL
-  for (int j = 0; j < 2; ++j) {
-    const float radius = sqrtf(-2.0f * logf(uniform_open0(r.v[2 * j])));
-    const float angle = two_pi * uniform_open0(r.v[2 * j + 1]);
-    out[2 * j] = radius * cosf(angle);
-    out[2 * j + 1] = radius * sinf(angle);
-  }
+  normal_pair(r.v[0], r.v[1], out[0], out[1]);
+  normal_pair(r.v[2], r.v[3], out[2], out[3]);
 }
 
 }  // namespace fastddpm
