@@ -140,71 +140,165 @@ at::Tensor ddpm_step_cpu(const at::Tensor& x_in, const at::Tensor& m_in, const a
   return out;
 }
 
+namespace {
+
+// Per-channel affine of the normalized output: y = act(x * scale[c] + shift[c]).
+template <typename scalar_t, typename acc_t>
+void normalize_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t scale, acc_t shift, bool silu_act) {
+  if (silu_act) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(silu(static_cast<acc_t>(x[i]) * scale + shift));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * scale + shift);
+  }
+}
+
+// Sum of (x[i] + shift) and of its square over a contiguous row (vectorized reductions).
+template <typename scalar_t, typename acc_t>
+acc_t row_sum(const scalar_t* x, int64_t n) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(x[i]);
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t row_sq_dev(const scalar_t* x, int64_t n, acc_t shift) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) + shift;
+    s += d * d;
+  }
+  return s;
+}
+
+struct GroupNormArgs {
+  int64_t N, C, G, D, HW;
+  double eps;
+  bool silu;
+};
+
+// NCHW: one task per (sample, group); each channel is a contiguous row of HW values. Row sums
+// are vectorized in acc_t and accumulated across rows in double; mean first, then the squared
+// deviations (two passes: no cancellation), then the write.
+template <typename scalar_t, typename acc_t>
+void group_norm_nchw(const scalar_t* xp, scalar_t* yp, const acc_t* wp, const acc_t* bp, const acc_t* tp,
+                     acc_t* mp, acc_t* rp, const GroupNormArgs& a) {
+  at::parallel_for(0, a.N * a.G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / a.G, c0 = (ng % a.G) * a.D;
+      const scalar_t* xb = xp + n * a.C * a.HW;
+      const acc_t* tn = tp ? tp + n * a.C : nullptr;
+      double sum = 0;
+      for (int64_t c = c0; c < c0 + a.D; ++c)
+        sum += static_cast<double>(row_sum<scalar_t, acc_t>(xb + c * a.HW, a.HW)) + (tn ? double(tn[c]) * a.HW : 0.0);
+      const double count = static_cast<double>(a.D * a.HW), mu = sum / count;
+      double sq = 0;
+      for (int64_t c = c0; c < c0 + a.D; ++c)
+        sq += row_sq_dev<scalar_t, acc_t>(xb + c * a.HW, a.HW, static_cast<acc_t>((tn ? tn[c] : 0.0) - mu));
+      const double inv = 1.0 / std::sqrt(sq / count + a.eps);
+      mp[ng] = static_cast<acc_t>(mu);
+      rp[ng] = static_cast<acc_t>(inv);
+      for (int64_t c = c0; c < c0 + a.D; ++c) {
+        const double w = wp ? double(wp[c]) : 1.0;
+        const acc_t scale = static_cast<acc_t>(inv * w);
+        const acc_t shift = static_cast<acc_t>(((tn ? tn[c] : 0.0) - mu) * inv * w + (bp ? double(bp[c]) : 0.0));
+        normalize_row<scalar_t, acc_t>(xb + c * a.HW, yp + n * a.C * a.HW + c * a.HW, a.HW, scale, shift, a.silu);
+      }
+    }
+  });
+}
+
+// NHWC (channels_last): one task per sample; each spatial position is a contiguous row of C
+// values, so per-channel sums accumulate across rows with vectorized loops over channels.
+template <typename scalar_t, typename acc_t>
+void group_norm_nhwc(const scalar_t* xp, scalar_t* yp, const acc_t* wp, const acc_t* bp, const acc_t* tp,
+                     acc_t* mp, acc_t* rp, const GroupNormArgs& a) {
+  at::parallel_for(0, a.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(a.C), shift(a.C), scale(a.C);
+    for (int64_t n = begin; n < end; ++n) {
+      const scalar_t* xb = xp + n * a.C * a.HW;
+      const acc_t* tn = tp ? tp + n * a.C : nullptr;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t s = 0; s < a.HW; ++s) {
+        const scalar_t* row = xb + s * a.C;
+        acc_t* ap = acc.data();
+#pragma omp simd
+        for (int64_t c = 0; c < a.C; ++c) ap[c] += static_cast<acc_t>(row[c]);
+      }
+      const double count = static_cast<double>(a.D * a.HW);
+      std::vector<double> mu(a.G, 0.0), inv(a.G, 0.0);
+      for (int64_t c = 0; c < a.C; ++c) mu[c / a.D] += double(acc[c]) + (tn ? double(tn[c]) * a.HW : 0.0);
+      for (int64_t g = 0; g < a.G; ++g) mu[g] /= count;
+      for (int64_t c = 0; c < a.C; ++c) shift[c] = static_cast<acc_t>((tn ? tn[c] : 0.0) - mu[c / a.D]);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t s = 0; s < a.HW; ++s) {
+        const scalar_t* row = xb + s * a.C;
+        acc_t* ap = acc.data();
+        const acc_t* sp = shift.data();
+#pragma omp simd
+        for (int64_t c = 0; c < a.C; ++c) {
+          const acc_t d = static_cast<acc_t>(row[c]) + sp[c];
+          ap[c] += d * d;
+        }
+      }
+      for (int64_t c = 0; c < a.C; ++c) inv[c / a.D] += double(acc[c]);
+      for (int64_t g = 0; g < a.G; ++g) {
+        inv[g] = 1.0 / std::sqrt(inv[g] / count + a.eps);
+        mp[n * a.G + g] = static_cast<acc_t>(mu[g]);
+        rp[n * a.G + g] = static_cast<acc_t>(inv[g]);
+      }
+      for (int64_t c = 0; c < a.C; ++c) {
+        const double w = wp ? double(wp[c]) : 1.0, i = inv[c / a.D];
+        scale[c] = static_cast<acc_t>(i * w);
+        shift[c] = static_cast<acc_t>(double(shift[c]) * i * w + (bp ? double(bp[c]) : 0.0));
+      }
+      for (int64_t s = 0; s < a.HW; ++s) {
+        const scalar_t* row = xb + s * a.C;
+        scalar_t* out = yp + n * a.C * a.HW + s * a.C;
+        const acc_t *scp = scale.data(), *shp = shift.data();
+        if (a.silu) {
+#pragma omp simd
+          for (int64_t c = 0; c < a.C; ++c) out[c] = static_cast<scalar_t>(silu(static_cast<acc_t>(row[c]) * scp[c] + shp[c]));
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < a.C; ++c) out[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * scp[c] + shp[c]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     int64_t groups, double eps, const c10::optional<at::Tensor>& temb, bool silu_act) {
   check_group_norm_args(x_in, weight, bias, groups, temb);
-  const int64_t N = x_in.size(0), C = x_in.size(1), G = groups, D = C / G;
+  const int64_t N = x_in.size(0), C = x_in.size(1);
   const int64_t HW = (N > 0 && C > 0) ? x_in.numel() / (N * C) : 0;
   const bool nhwc = x_in.dim() == 4 && !x_in.is_contiguous() &&
                     x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor x = nhwc ? x_in : x_in.contiguous();
   at::Tensor y = at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const auto stat_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor mean = at::empty({N, G}, x.options().dtype(stat_type));
-  at::Tensor rstd = at::empty({N, G}, x.options().dtype(stat_type));
+  at::Tensor mean = at::empty({N, groups}, x.options().dtype(stat_type));
+  at::Tensor rstd = at::empty({N, groups}, x.options().dtype(stat_type));
+  const GroupNormArgs args{N, C, groups, C / groups, HW, eps, silu_act};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_act_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const at::Tensor w = weight ? weight->contiguous().to(at::CppTypeToScalarType<acc_t>::value) : at::Tensor();
-    const at::Tensor bb = bias ? bias->contiguous().to(at::CppTypeToScalarType<acc_t>::value) : at::Tensor();
-    const at::Tensor tt = temb ? temb->contiguous().to(at::CppTypeToScalarType<acc_t>::value) : at::Tensor();
+    const auto as_acc = [](const c10::optional<at::Tensor>& v) {
+      return v ? v->contiguous().to(at::CppTypeToScalarType<acc_t>::value) : at::Tensor();
+    };
+    const at::Tensor w = as_acc(weight), b = as_acc(bias), te = as_acc(temb);
     const acc_t* wp = weight ? w.data_ptr<acc_t>() : nullptr;
-    const acc_t* bp = bias ? bb.data_ptr<acc_t>() : nullptr;
-    const acc_t* tp = temb ? tt.data_ptr<acc_t>() : nullptr;
-    auto* mp = mean.data_ptr<acc_t>();
-    auto* rp = rstd.data_ptr<acc_t>();
-    // Element (n, c, s) sits at n*C*HW + c*cs + s*ss in either layout.
-    const int64_t cs = nhwc ? 1 : HW, ss = nhwc ? C : 1;
-    const double count = static_cast<double>(D * HW);
-    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / G, c0 = (ng % G) * D;
-        const scalar_t* xb = xp + n * C * HW;
-        const acc_t* tn = tp ? tp + n * C : nullptr;
-        double sum = 0;  // two passes in double: exact enough for any group size
-        for (int64_t c = c0; c < c0 + D; ++c) {
-          const double tb = tn ? tn[c] : 0.0;
-          double part = 0;
-          for (int64_t s = 0; s < HW; ++s) part += static_cast<acc_t>(xb[c * cs + s * ss]);
-          sum += part + tb * HW;
-        }
-        const double mu = sum / count;
-        double sq = 0;
-        for (int64_t c = c0; c < c0 + D; ++c) {
-          const double shift = (tn ? tn[c] : 0.0) - mu;
-          for (int64_t s = 0; s < HW; ++s) {
-            const double d = static_cast<acc_t>(xb[c * cs + s * ss]) + shift;
-            sq += d * d;
-          }
-        }
-        const double inv = 1.0 / std::sqrt(sq / count + eps);
-        mp[ng] = static_cast<acc_t>(mu);
-        rp[ng] = static_cast<acc_t>(inv);
-        scalar_t* yb = yp + n * C * HW;
-        for (int64_t c = c0; c < c0 + D; ++c) {
-          const acc_t scale = static_cast<acc_t>(inv) * (wp ? wp[c] : acc_t(1));
-          const acc_t shift = (bp ? bp[c] : acc_t(0)) +
-                              static_cast<acc_t>(((tn ? tn[c] : 0.0) - mu) * inv) * (wp ? wp[c] : acc_t(1));
-          for (int64_t s = 0; s < HW; ++s) {
-            acc_t v = static_cast<acc_t>(xb[c * cs + s * ss]) * scale + shift;
-            if (silu_act) v = silu<acc_t>(v);
-            yb[c * cs + s * ss] = static_cast<scalar_t>(v);
-          }
-        }
-      }
-    });
+    const acc_t* bp = bias ? b.data_ptr<acc_t>() : nullptr;
+    const acc_t* tp = temb ? te.data_ptr<acc_t>() : nullptr;
+    (nhwc ? group_norm_nhwc<scalar_t, acc_t> : group_norm_nchw<scalar_t, acc_t>)(
+        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), wp, bp, tp, mean.data_ptr<acc_t>(),
+        rstd.data_ptr<acc_t>(), args);
   });
   return {y, mean, rstd};
 }

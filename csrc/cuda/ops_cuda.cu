@@ -141,7 +141,7 @@ __global__ void group_norm_act_kernel(const scalar_t* __restrict__ x, const floa
     const acc_t wc = w ? w[c] : acc_t(1);
     acc_t v = (static_cast<acc_t>(xb[c * cs + s * ss]) + (tn ? tn[c] : acc_t(0)) - mu) * inv * wc +
               (b ? b[c] : acc_t(0));
-    if (silu_act) v = silu<acc_t>(v);
+    if (silu_act) v = silu(v);
     yb[c * cs + s * ss] = static_cast<scalar_t>(v);
   }
 }

@@ -59,7 +59,14 @@ static void test_step_and_noising_formulas() {
   EXPECT(std::fabs(ddpm_step_elem<float>(3.f, 0.f, 0.f, c, true, 1.f) - (0.25f + 2.25f)) < 1e-6f);
   EXPECT(std::fabs(ddpm_step_elem<float>(-3.f, 0.f, 0.f, c, true, 1.f) - (-0.25f - 2.25f)) < 1e-6f);
   EXPECT(q_sample_elem<double>(2.0, 3.0, 0.6, 0.8) == 0.6 * 2.0 + 0.8 * 3.0);
-  EXPECT(std::fabs(silu<double>(1.0) - 1.0 / (1.0 + std::exp(-1.0))) < 1e-15);
+  EXPECT(std::fabs(silu(1.0) - 1.0 / (1.0 + std::exp(-1.0))) < 1e-15);
+  for (float x = -80.f; x < 80.f; x += 0.37f) {
+    const double e = std::exp(static_cast<double>(x));
+    EXPECT(std::fabs(branchless_exp(x) - e) <= 4e-7 * e);
+    EXPECT(std::fabs(silu(x) - x / (1.0 + std::exp(-static_cast<double>(x)))) <= 1e-6 * (1.0 + std::fabs(x)));
+  }
+  EXPECT(silu(-200.f) == -0.f || std::fabs(silu(-200.f)) < 1e-30f);
+  EXPECT(silu(200.f) == 200.f);
 }
 
 int main() {

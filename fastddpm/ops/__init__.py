@@ -12,6 +12,7 @@ reference); or neither, and the native kernels draw counter-based Philox noise i
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -36,7 +37,25 @@ def native_status() -> str:
     return "cpu + cuda kernels" if _native.cuda_available() else "cpu kernels"
 
 
+_forced_backend: Optional[str] = None
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Within the block, ``backend="auto"`` calls (e.g. inside the U-Net) use backend ``name``."""
+    global _forced_backend
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {name!r}")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
 def _impl(backend: str, device: torch.device):
+    if backend == "auto" and _forced_backend is not None:
+        backend = _forced_backend
     if backend == "auto":
         if _native.AVAILABLE and (device.type == "cpu" or (device.type == "cuda" and _native.cuda_available())):
             return _native

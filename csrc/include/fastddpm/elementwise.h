@@ -34,8 +34,47 @@ FDDPM_HD T q_sample_elem(T x0, T z, T sqrt_abar, T sqrt_one_minus_abar) {
   return sqrt_abar * x0 + sqrt_one_minus_abar * z;
 }
 
-template <typename T>
-FDDPM_HD T silu(T v) { return v / (T(1) + exp(-v)); }
+FDDPM_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+FDDPM_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// exp for float without branches or library calls (Cephes expf polynomial, a few ulp), so loops
+// that apply it vectorize on the CPU; the GPU runs the same arithmetic.
+FDDPM_HD float branchless_exp(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float v = x * 1.44269504088896341f + 0.5f;
+  int n = static_cast<int>(v);
+  n -= (v < static_cast<float>(n)) ? 1 : 0;  // floor
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  return y * bits_float(static_cast<uint32_t>(n + 127) << 23);
+}
+
+FDDPM_HD float silu(float v) { return v / (1.0f + branchless_exp(-v)); }
+FDDPM_HD double silu(double v) { return v / (1.0 + exp(-v)); }
 
 // ------------------------------------------------------------------------------------------
 // Counter-based normal noise: Philox4x32-10 (Salmon et al. 2011) + Box-Muller.
@@ -68,26 +107,6 @@ FDDPM_UNROLL
 
 // A uint32 to a float in (0, 1]: never 0, so log() is finite.
 FDDPM_HD float uniform_open0(uint32_t u) { return (static_cast<float>(u >> 8) + 1.0f) * 5.9604644775390625e-08f; }
-
-FDDPM_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  __builtin_memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
-FDDPM_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  __builtin_memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
 
 // Branch-free float log for x in (0, 1] (Cephes logf: a few ulp), so the CPU loop vectorizes and
 // every device computes the same bits. Mirrored in fastddpm/ops/philox.py.

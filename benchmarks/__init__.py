@@ -1,0 +1,1 @@
+"""fastddpm benchmarks: every fast path timed against the pure-PyTorch reference in the same run."""

@@ -1,0 +1,139 @@
+"""Op benchmarks: the three fused ops, native (and Triton where present) against the reference.
+
+    python -m benchmarks.ops_report [--quick] [--device cpu|cuda] [--json out.json]
+
+Prints a markdown table: median time, speed-up over the reference measured in the same run, and
+for memory-bound ops the achieved GB/s and its fraction of a plain copy of the same bytes.
+Every fast result is checked against the reference before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from fastddpm import Schedule, UNet, ops
+from fastddpm.ops import PhiloxState
+
+from .harness import copy_bandwidth, measure
+
+
+def _check(fast: torch.Tensor, ref: torch.Tensor, name: str, tol: float):
+    err = (fast.float() - ref.float()).abs().max().item()
+    if not err <= tol * max(1.0, ref.float().abs().max().item()):
+        raise AssertionError(f"{name}: fast path disagrees with the reference (max error {err})")
+
+
+def op_cases(device: torch.device, quick: bool) -> List[Dict]:
+    """The benchmark cases: name, reference fn, fast fn, bytes moved (or None), check tolerance."""
+    sched = Schedule.linear()
+    coeffs = sched.table("step", device, sampler="ddpm", variance="fixed_large")
+    noising = sched.table("noising", device)
+    g = torch.Generator(device).manual_seed(0)
+    numel = (1 << 20) if quick else (16 << 20)
+    B = 16
+    x = torch.randn(B, numel // B, generator=g, device=device)
+    m, z = torch.randn_like(x), torch.randn_like(x)
+    t = torch.randint(1, 1000, (B,), generator=g, device=device)
+    rng = PhiloxState(0, device=device)
+    nbytes = x.numel() * 4
+    cases = [
+        dict(name=f"ddpm_step {numel / 2**20:.0f}M, noise given", bytes=4 * nbytes, tol=1e-5,
+             ref=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0, backend="reference"),
+             fast=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0)),
+        dict(name=f"ddpm_step {numel / 2**20:.0f}M, in-kernel noise vs torch.randn", bytes=3 * nbytes, tol=None,
+             ref=lambda: ops.ddpm_step(x, m, t, coeffs, torch.randn(x.shape, generator=g, device=device), 1.0,
+                                       backend="reference"),
+             fast=lambda: ops.ddpm_step(x, m, t, coeffs, None, 1.0, rng=rng)),
+        dict(name=f"q_sample {numel / 2**20:.0f}M, in-kernel noise vs torch.randn", bytes=3 * nbytes, tol=None,
+             ref=lambda: ops.q_sample(x, t, noising, torch.randn(x.shape, generator=g, device=device),
+                                      backend="reference"),
+             fast=lambda: ops.q_sample(x, t, noising, rng=rng)),
+    ]
+    for shape in ([(8, 128, 32, 32)] if quick else [(64, 128, 32, 32), (4, 256, 64, 64)]):
+        N, C = shape[:2]
+        h = torch.randn(shape, generator=g, device=device)
+        temb = torch.randn(N, C, generator=g, device=device)
+        w, b = torch.randn(C, generator=g, device=device), torch.randn(C, generator=g, device=device)
+        cases.append(dict(
+            name=f"group_norm_act {'x'.join(map(str, shape))} +temb", bytes=2 * h.numel() * 4, tol=1e-4,
+            ref=lambda h=h, temb=temb, w=w, b=b: F.silu(F.group_norm(h + temb[:, :, None, None], 32, w, b, 1e-6)),
+            fast=lambda h=h, temb=temb, w=w, b=b: ops.group_norm_act(h, w, b, 32, 1e-6, temb)))
+    return cases
+
+
+def unet_cases(device: torch.device, quick: bool) -> List[Dict]:
+    """U-Net forward with native ops (auto) against the same model with reference ops."""
+    cases = []
+    for preset, batch in ([("mnist", 16)] if quick else [("mnist", 16), ("cifar10", 16)]):
+        torch.manual_seed(0)
+        model = UNet.from_preset(preset).to(device).eval()
+        c, r = model.config.in_channels, model.config.resolution
+        x = torch.randn(batch, c, r, r, device=device)
+        t = torch.randint(0, 1000, (batch,), device=device)
+
+        def run(backend, model=model, x=x, t=t):
+            with torch.no_grad(), ops.use_backend(backend):
+                return model(x, t)
+
+        cases.append(dict(name=f"UNet {preset} forward, batch {batch}", bytes=None, tol=1e-4,
+                          ref=lambda run=run: run("reference"), fast=lambda run=run: run("auto")))
+    return cases
+
+
+def run(device="cpu", quick=False, rounds=7) -> Dict:
+    """Run all cases; returns the results as a dict (also the JSON written by the CLI)."""
+    device = torch.device(device)
+    copy_bw = copy_bandwidth((1 << 22) if quick else (64 << 20), device=device, rounds=rounds)
+    rows = []
+    for case in op_cases(device, quick) + unet_cases(device, quick):
+        if case["tol"] is not None:
+            _check(case["fast"](), case["ref"](), case["name"], case["tol"])
+        ref = measure(case["ref"], rounds=rounds, device=device)
+        fast = measure(case["fast"], rounds=rounds, device=device)
+        row = dict(name=case["name"], ref_s=ref["median"], fast_s=fast["median"], fast_min_s=fast["min"],
+                   fast_max_s=fast["max"], speedup=ref["median"] / fast["median"])
+        if case["bytes"]:
+            row["gb_s"] = case["bytes"] / fast["median"] / 1e9
+            row["frac_of_copy"] = case["bytes"] / fast["median"] / copy_bw
+        rows.append(row)
+    return dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                machine=platform.processor() or platform.machine(), copy_gb_s=copy_bw / 1e9,
+                native=ops.native_status(), rounds=rounds, rows=rows)
+
+
+def markdown(result: Dict) -> str:
+    """The results as a markdown table."""
+    lines = [f"device {result['device']}, torch {result['torch']}, {result['threads']} threads, "
+             f"copy {result['copy_gb_s']:.1f} GB/s, native: {result['native']}, medians of {result['rounds']}",
+             "", "| case | reference | fast (median) | fast min..max | speed-up | GB/s | of copy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        bw = f"{r['gb_s']:.1f} | {100 * r['frac_of_copy']:.0f}%" if "gb_s" in r else "- | -"
+        lines.append(f"| {r['name']} | {1e3 * r['ref_s']:.2f} ms | {1e3 * r['fast_s']:.2f} ms | "
+                     f"{1e3 * r['fast_min_s']:.2f}..{1e3 * r['fast_max_s']:.2f} ms | {r['speedup']:.2f}x | {bw} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    result = run(args.device, args.quick, args.rounds)
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
