@@ -123,10 +123,15 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
+    def ema_decay(self) -> float:
+        """The EMA decay at the current step: ``ema_decay``, warmed up as ``(1 + n) / (10 + n)``
+        so that the average does not start out dominated by the untrained initial weights."""
+        return min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+
     @torch.no_grad()
     def _update_ema(self):
         ema_p, p = list(self.ema.parameters()), list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, p, 1.0 - self.config.ema_decay)
+        torch._foreach_lerp_(ema_p, p, 1.0 - self.ema_decay())
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
 

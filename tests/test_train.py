@@ -100,3 +100,16 @@ def test_train_config_validation():
         TrainConfig(amp="fp8")
     with pytest.raises(ValueError, match="steps"):
         fastddpm.train("digits", out="/tmp/unused", steps=0)
+
+
+def test_ema_is_warmed_up_then_follows_the_configured_decay(tmp_path):
+    images = load_digits_data()[0][:64]
+    trainer = _small_trainer(tmp_path, images)
+    trainer.config.ema_decay = 0.999
+    assert trainer.ema_decay() == pytest.approx(0.1)
+    before = [p.clone() for p in trainer.ema.parameters()]
+    trainer.train_step()
+    for e, p, b in zip(trainer.ema.parameters(), trainer.model.parameters(), before):
+        torch.testing.assert_close(e, 0.1 * b + 0.9 * p)
+    trainer.step = 100000
+    assert trainer.ema_decay() == 0.999
