@@ -13,6 +13,7 @@ reference); or neither, and the native kernels draw counter-based Philox noise i
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -37,7 +38,10 @@ def native_status() -> str:
     return "cpu + cuda kernels" if _native.cuda_available() else "cpu kernels"
 
 
-_forced_backend: Optional[str] = None
+# FASTDDPM_OPS=reference|native forces what "auto" means for the whole process.
+_forced_backend: Optional[str] = os.environ.get("FASTDDPM_OPS") or None
+if _forced_backend not in (None, "auto", *BACKENDS):
+    raise ValueError(f"FASTDDPM_OPS: expected 'auto' or one of {tuple(BACKENDS)}, got {_forced_backend!r}")
 
 
 @contextlib.contextmanager
@@ -142,4 +146,9 @@ def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                              f"{tuple(p.shape)} on {p.device}")
     if act not in ("silu", None):
         raise ValueError(f"act: expected 'silu' or None, got {act!r}")
+    if backend == "auto" and _forced_backend is None and torch.is_grad_enabled() and any(
+            v is not None and v.requires_grad for v in (x, weight, bias, temb)):
+        # Training: the native backward is a composite of PyTorch ops and measured slower than
+        # eager group_norm's fused backward, so "auto" keeps the reference until a fused one exists.
+        backend = "reference"
     return _impl(backend, x.device).group_norm_act(x, weight, bias, groups, eps, temb, act)
