@@ -1,0 +1,29 @@
+"""pytest-benchmark: the three ops and the U-Net forward, reference and fast path side by side.
+
+    pytest benchmarks/test_bench_ops.py [--quick] --benchmark-group-by=param:case
+
+Each fast path is checked against the reference on the same inputs before it is timed.
+"""
+
+import pytest
+import torch
+
+from .ops_report import _check, op_cases, unet_cases
+
+DEVICE = torch.device("cpu")
+NAMES = [c["name"] for c in op_cases(DEVICE, True) + unet_cases(DEVICE, True)]
+
+
+@pytest.fixture(scope="module")
+def cases(quick):
+    return {i: c for i, c in enumerate(op_cases(DEVICE, quick) + unet_cases(DEVICE, quick))}
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("case", range(len(NAMES)), ids=NAMES)
+def test_op(benchmark, cases, case, path):
+    c = cases[case]
+    if path == "fast" and c["tol"] is not None:
+        _check(c["fast"](), c["ref"](), c["name"], c["tol"])
+    benchmark.extra_info["case"] = c["name"]
+    benchmark(c["ref" if path == "reference" else "fast"])
