@@ -42,14 +42,16 @@ def op_cases(device: torch.device, quick: bool) -> List[Dict]:
     t = torch.randint(1, 1000, (B,), generator=g, device=device)
     rng = PhiloxState(0, device=device)
     nbytes = x.numel() * 4
+    out = torch.empty_like(x)  # the sampler steps into preallocated buffers
     cases = [
-        dict(name=f"ddpm_step {numel / 2**20:.0f}M, noise given", bytes=4 * nbytes, tol=1e-5,
-             ref=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0, backend="reference"),
-             fast=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0)),
-        dict(name=f"ddpm_step {numel / 2**20:.0f}M, in-kernel noise vs torch.randn", bytes=3 * nbytes, tol=None,
+        dict(name=f"ddpm_step {numel / 2**20:.0f}M, noise given, out=", bytes=4 * nbytes, tol=1e-5,
+             ref=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0, out=out, backend="reference"),
+             fast=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0, out=out)),
+        dict(name=f"ddpm_step {numel / 2**20:.0f}M, in-kernel noise vs torch.randn, out=", bytes=3 * nbytes,
+             tol=None,
              ref=lambda: ops.ddpm_step(x, m, t, coeffs, torch.randn(x.shape, generator=g, device=device), 1.0,
-                                       backend="reference"),
-             fast=lambda: ops.ddpm_step(x, m, t, coeffs, None, 1.0, rng=rng)),
+                                       out=out, backend="reference"),
+             fast=lambda: ops.ddpm_step(x, m, t, coeffs, None, 1.0, out=out, rng=rng)),
         dict(name=f"q_sample {numel / 2**20:.0f}M, in-kernel noise vs torch.randn", bytes=3 * nbytes, tol=None,
              ref=lambda: ops.q_sample(x, t, noising, torch.randn(x.shape, generator=g, device=device),
                                       backend="reference"),

@@ -17,6 +17,9 @@ TORCH_LIBRARY(fastddpm, m) {
   m.def("q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, Tensor? rng_state) -> (Tensor, Tensor)");
   m.def("ddpm_step(Tensor x, Tensor model_out, Tensor t, Tensor coeffs, Tensor? noise, "
         "Tensor? rng_state, float? clip) -> Tensor");
+  // The same step written into a preallocated `out` (laid out like x): no allocation per step.
+  m.def("ddpm_step_out(Tensor x, Tensor model_out, Tensor t, Tensor coeffs, Tensor? noise, "
+        "Tensor? rng_state, float? clip, Tensor(a!) out) -> ()");
   // (y, mean, rstd); mean and rstd are [B, groups], saved for the backward.
   m.def("group_norm_act(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, Tensor? temb, "
         "bool silu) -> (Tensor, Tensor, Tensor)");

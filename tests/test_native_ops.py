@@ -156,6 +156,8 @@ def _opcheck_cases():
                                                x.clone().requires_grad_(), None)),
         (torch.ops.fastddpm.ddpm_step.default, (cl, cl.clone(), t, COEFFS["fixed_small"], None, state, None)),
         (torch.ops.fastddpm.q_sample.default, (x, t, NOISING, x.clone(), None)),
+        (torch.ops.fastddpm.ddpm_step_out.default, (x, x.clone(), t, COEFFS["fixed_small"], x.clone(), None, 1.0,
+                                                    torch.empty_like(x))),
         (torch.ops.fastddpm.q_sample.default, (x, t, NOISING, None, state)),
         (torch.ops.fastddpm.group_norm_act.default, (x.clone().requires_grad_(), torch.randn(4), torch.randn(4), 2, 1e-6,
                                                      torch.randn(2, 4), True)),
@@ -163,7 +165,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -323,3 +325,15 @@ def test_training_gradients_with_native_ops_match_reference():
         grads[backend] = [p.grad.clone() for p in model.parameters()]
     for a, b in zip(grads["reference"], grads["native"]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+def test_ddpm_step_out_writes_in_place(kind):
+    x, m, z = (torch.randn(2, 3, 4, 5) for _ in range(3))
+    t, c = torch.tensor([3, 700]), COEFFS["fixed_large"]
+    out = layout(torch.empty(2, 3, 4, 5), kind)
+    got = ops.ddpm_step(layout(x, kind), m, t, c, z, 1.0, out=out, backend="native")
+    assert got is out
+    assert torch.equal(out, reference.ddpm_step(x, m, t, c, z, 1.0))
+    with pytest.raises(RuntimeError, match="out: expected the dense layout"):
+        torch.ops.fastddpm.ddpm_step_out(x, m, t, c, z, None, None, torch.empty(2, 3, 5, 4).transpose(-1, -2))

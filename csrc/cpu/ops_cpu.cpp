@@ -65,6 +65,55 @@ void philox_normals(int64_t lo, int64_t hi, uint64_t seed, uint64_t offset, T* z
   }
 }
 
+// One sample's contiguous run of a ddpm_step: out = step(x, m, z) with that sample's coefficients.
+template <typename scalar_t, typename z_t, typename acc_t>
+void step_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ m, const z_t* __restrict__ z,
+              scalar_t* __restrict__ out, int64_t n, const acc_t* c, bool clip, acc_t r) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<scalar_t>(ddpm_step_elem<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(m[i]),
+                                                         static_cast<acc_t>(z[i]), c, clip, r));
+}
+
+FDDPM_ISA_CLONES void step_row_f32(const float* __restrict__ x, const float* __restrict__ m,
+                                   const float* __restrict__ z, float* __restrict__ out, int64_t n,
+                                   const float* c, bool clip, float r) {
+  step_row<float, float, float>(x, m, z, out, n, c, clip, r);
+}
+
+// One sample's contiguous run of a q_sample: out = a x0 + s z.
+template <typename scalar_t, typename acc_t>
+void noising_row(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ z, scalar_t* __restrict__ out,
+                 int64_t n, acc_t a, acc_t s) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<scalar_t>(q_sample_elem<acc_t>(static_cast<acc_t>(x0[i]), static_cast<acc_t>(z[i]), a, s));
+}
+
+FDDPM_ISA_CLONES void noising_row_f32(const float* __restrict__ x0, const float* __restrict__ z,
+                                      float* __restrict__ out, int64_t n, float a, float s) {
+  noising_row<float, float>(x0, z, out, n, a, s);
+}
+
+template <typename scalar_t, typename z_t, typename acc_t>
+void dispatch_step_row(const scalar_t* x, const scalar_t* m, const z_t* z, scalar_t* out, int64_t n,
+                       const acc_t* c, bool clip, acc_t r) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<z_t, float>) {
+    step_row_f32(x, m, z, out, n, c, clip, r);
+  } else {
+    step_row<scalar_t, z_t, acc_t>(x, m, z, out, n, c, clip, r);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void dispatch_noising_row(const scalar_t* x0, const scalar_t* z, scalar_t* out, int64_t n, acc_t a, acc_t s) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    noising_row_f32(x0, z, out, n, a, s);
+  } else {
+    noising_row<scalar_t, acc_t>(x0, z, out, n, a, s);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const at::Tensor& t,
@@ -90,17 +139,17 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const a
       for_each_sample_segment(begin, end, per, [&](int64_t b, int64_t lo, int64_t hi) {
         const acc_t a = tab[2 * tp[b]], s = tab[2 * tp[b] + 1];
         if (draw) philox_normals(lo, hi, seed, offset, np + lo);
-        for (int64_t i = lo; i < hi; ++i)
-          op[i] = static_cast<scalar_t>(q_sample_elem<acc_t>(xp[i], np[i], a, s));
+        dispatch_noising_row<scalar_t, acc_t>(xp + lo, np + lo, op + lo, hi - lo, a, s);
       });
     });
   });
   return {out, draw ? noise : at::empty({0}, x0.options())};
 }
 
-at::Tensor ddpm_step_cpu(const at::Tensor& x_in, const at::Tensor& m_in, const at::Tensor& t,
-                         const at::Tensor& coeffs, const c10::optional<at::Tensor>& noise_in,
-                         const c10::optional<at::Tensor>& rng_state, c10::optional<double> clip) {
+// Writes the step into `out`, which must be laid out densely like dense_like(x_in).
+void ddpm_step_into(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& m_in, const at::Tensor& t,
+                    const at::Tensor& coeffs, const c10::optional<at::Tensor>& noise_in,
+                    const c10::optional<at::Tensor>& rng_state, c10::optional<double> clip) {
   check_timesteps(t, x_in, coeffs, "coeffs", kStepColumns);
   check_same_shape(m_in, x_in, "model_out");
   check_noise_source(x_in, noise_in, rng_state);
@@ -108,7 +157,6 @@ at::Tensor ddpm_step_cpu(const at::Tensor& x_in, const at::Tensor& m_in, const a
   const at::Tensor x = dense_like(x_in, x_in), m = dense_like(m_in, x);
   const bool draw = !noise_in.has_value();
   const at::Tensor noise = draw ? at::Tensor() : dense_like(*noise_in, x);
-  at::Tensor out = at::empty_like(x);
   const int64_t numel = x.numel(), per = numel / std::max<int64_t>(x.size(0), 1);
   const int64_t* tp = t.data_ptr<int64_t>();
   const float* tab = coeffs.data_ptr<float>();
@@ -121,26 +169,44 @@ at::Tensor ddpm_step_cpu(const at::Tensor& x_in, const at::Tensor& m_in, const a
     scalar_t* op = out.data_ptr<scalar_t>();
     const acc_t r = static_cast<acc_t>(clip.value_or(0.0));
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> zbuf;
+      constexpr int64_t kSub = 4096;  // drawn noise goes through an L1/L2-sized buffer
+      std::vector<acc_t> zbuf(draw ? kSub : 0);
       for_each_sample_segment(begin, end, per, [&](int64_t b, int64_t lo, int64_t hi) {
         acc_t c[kStepColumns];
         for (int k = 0; k < kStepColumns; ++k) c[k] = tab[kStepColumns * tp[b] + k];
-        if (draw) {
-          zbuf.resize(hi - lo);
-          if (c[kS] != acc_t(0)) philox_normals(lo, hi, seed, offset, zbuf.data());
-          else std::fill(zbuf.begin(), zbuf.end(), acc_t(0));
-          for (int64_t i = lo; i < hi; ++i)
-            op[i] = static_cast<scalar_t>(
-                ddpm_step_elem<acc_t>(xp[i], mp[i], zbuf[i - lo], c, clip.has_value(), r));
-        } else {
-          for (int64_t i = lo; i < hi; ++i)
-            op[i] = static_cast<scalar_t>(
-                ddpm_step_elem<acc_t>(xp[i], mp[i], zp[i], c, clip.has_value(), r));
+        if (!draw) {
+          dispatch_step_row<scalar_t, scalar_t, acc_t>(xp + lo, mp + lo, zp + lo, op + lo, hi - lo, c,
+                                                       clip.has_value(), r);
+          return;
+        }
+        for (int64_t sub = lo; sub < hi; sub += kSub) {
+          const int64_t n = std::min(kSub, hi - sub);
+          if (c[kS] != acc_t(0)) philox_normals(sub, sub + n, seed, offset, zbuf.data());
+          else std::fill(zbuf.begin(), zbuf.begin() + n, acc_t(0));
+          dispatch_step_row<scalar_t, acc_t, acc_t>(xp + sub, mp + sub, zbuf.data(), op + sub, n, c,
+                                                    clip.has_value(), r);
         }
       });
     });
   });
+}
+
+at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t, const at::Tensor& coeffs,
+                         const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng_state,
+                         c10::optional<double> clip) {
+  at::Tensor out = at::empty_like(dense_like(x, x));
+  ddpm_step_into(out, x, m, t, coeffs, noise, rng_state, clip);
   return out;
+}
+
+void ddpm_step_out_cpu(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t, const at::Tensor& coeffs,
+                       const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng_state,
+                       c10::optional<double> clip, at::Tensor out) {
+  check_same_shape(out, x, "out");
+  TORCH_CHECK(out.strides() == dense_like(x, x).strides(),
+              "out: expected the dense layout of x (contiguous, or channels_last when x is), got strides ",
+              out.strides());
+  ddpm_step_into(out, x, m, t, coeffs, noise, rng_state, clip);
 }
 
 namespace {
@@ -335,6 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("q_sample", &q_sample_cpu);
   m.impl("ddpm_step", &ddpm_step_cpu);
+  m.impl("ddpm_step_out", &ddpm_step_out_cpu);
   m.impl("group_norm_act", &group_norm_act_cpu);
 }
 

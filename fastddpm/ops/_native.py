@@ -88,6 +88,10 @@ if AVAILABLE:
     def _ddpm_step_fake(x, model_out, t, coeffs, noise, rng_state, clip):
         return _dense_empty_like(x)
 
+    @torch.library.register_fake("fastddpm::ddpm_step_out")
+    def _ddpm_step_out_fake(x, model_out, t, coeffs, noise, rng_state, clip, out):
+        return None
+
     @torch.library.register_fake("fastddpm::group_norm_act")
     def _group_norm_act_fake(x, weight, bias, groups, eps, temb, silu):
         stats = x.new_empty((x.shape[0], groups), dtype=_stat_dtype(x))
@@ -171,13 +175,16 @@ def q_sample(x0, t, table, noise=None, *, generator=None, rng=None) -> Tuple[tor
 def ddpm_step(x, model_out, t, coeffs, noise=None, clip=None, *, generator=None, out=None, rng=None):
     """Native ``ddpm_step``; see :func:`fastddpm.ops.ddpm_step`."""
     noise, state = _noise_args(x, noise, generator, rng)
-    result = torch.ops.fastddpm.ddpm_step(x, model_out, t, coeffs, noise,
-                                          state.tensor if state else None, clip)
+    rng_state = state.tensor if state else None
+    if out is not None and out.dtype == x.dtype and out.stride() == _dense_empty_like(x).stride():
+        torch.ops.fastddpm.ddpm_step_out(x, model_out, t, coeffs, noise, rng_state, clip, out)
+        result = out
+    else:
+        result = torch.ops.fastddpm.ddpm_step(x, model_out, t, coeffs, noise, rng_state, clip)
+        if out is not None:
+            result = out.copy_(result)
     if state is not None:
         state.advance()
-    if out is not None:
-        out.copy_(result)
-        return out
     return result
 
 
