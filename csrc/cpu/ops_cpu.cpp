@@ -150,13 +150,9 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const a
 void ddpm_step_into(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& m_in, const at::Tensor& t,
                     const at::Tensor& coeffs, const c10::optional<at::Tensor>& noise_in,
                     const c10::optional<at::Tensor>& rng_state, c10::optional<double> clip) {
-  check_timesteps(t, x_in, coeffs, "coeffs", kStepColumns);
-  check_same_shape(m_in, x_in, "model_out");
-  check_noise_source(x_in, noise_in, rng_state);
-  check_clip(clip);
-  const at::Tensor x = dense_like(x_in, x_in), m = dense_like(m_in, x);
-  const bool draw = !noise_in.has_value();
-  const at::Tensor noise = draw ? at::Tensor() : dense_like(*noise_in, x);
+  const StepInputs in = prepare_step(x_in, m_in, t, coeffs, noise_in, rng_state, clip);
+  const at::Tensor &x = in.x, &m = in.m, &noise = in.noise;
+  const bool draw = in.draw;
   const int64_t numel = x.numel(), per = numel / std::max<int64_t>(x.size(0), 1);
   const int64_t* tp = t.data_ptr<int64_t>();
   const float* tab = coeffs.data_ptr<float>();
@@ -202,10 +198,7 @@ at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& m, const at::Ten
 void ddpm_step_out_cpu(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t, const at::Tensor& coeffs,
                        const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng_state,
                        c10::optional<double> clip, at::Tensor out) {
-  check_same_shape(out, x, "out");
-  TORCH_CHECK(out.strides() == dense_like(x, x).strides(),
-              "out: expected the dense layout of x (contiguous, or channels_last when x is), got strides ",
-              out.strides());
+  check_step_out(out, x);
   ddpm_step_into(out, x, m, t, coeffs, noise, rng_state, clip);
 }
 

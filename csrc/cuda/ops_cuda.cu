@@ -24,14 +24,11 @@ inline int blocks_for(int64_t work) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
 }
 
-// Each thread handles one Philox block of 4 consecutive elements at a time.
-template <typename scalar_t, bool kDraw>
-__global__ void ddpm_step_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ m,
-                                 const scalar_t* __restrict__ z, scalar_t* __restrict__ out,
-                                 const int64_t* __restrict__ t, const float* __restrict__ coeffs,
-                                 const int64_t* __restrict__ rng, int64_t numel, int64_t per_sample,
-                                 int64_t T, bool clip, float r) {
-  using acc_t = at::opmath_type<scalar_t>;
+// Grid-stride loop over Philox blocks of 4 consecutive elements: f(i, z, ts) for every element i,
+// with z its in-kernel normal (when kDraw) and ts the timestep of its sample.
+template <bool kDraw, typename F>
+__device__ __forceinline__ void for_each_element(int64_t numel, int64_t per_sample, const int64_t* __restrict__ t,
+                                                 int64_t T, const int64_t* __restrict__ rng, F&& f) {
   const int64_t blocks4 = (numel + 3) / 4;
   const uint64_t seed = kDraw ? static_cast<uint64_t>(rng[0]) : 0;
   const uint64_t offset = kDraw ? static_cast<uint64_t>(rng[1]) : 0;
@@ -44,14 +41,26 @@ __global__ void ddpm_step_kernel(const scalar_t* __restrict__ x, const scalar_t*
       const int64_t i = blk * 4 + j;
       if (i >= numel) break;
       const int64_t ts = t[i / per_sample];
-      CUDA_KERNEL_ASSERT(ts >= 0 && ts < T && "ddpm_step: t out of [0, T)");
-      acc_t c[kStepColumns];
-#pragma unroll
-      for (int k = 0; k < kStepColumns; ++k) c[k] = coeffs[ts * kStepColumns + k];
-      const acc_t zi = kDraw ? static_cast<acc_t>(noise[j]) : static_cast<acc_t>(z[i]);
-      out[i] = static_cast<scalar_t>(ddpm_step_elem<acc_t>(x[i], m[i], zi, c, clip, static_cast<acc_t>(r)));
+      CUDA_KERNEL_ASSERT(ts >= 0 && ts < T && "t out of [0, T)");
+      f(i, noise[j], ts);
     }
   }
+}
+
+template <typename scalar_t, bool kDraw>
+__global__ void ddpm_step_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ m,
+                                 const scalar_t* __restrict__ z, scalar_t* __restrict__ out,
+                                 const int64_t* __restrict__ t, const float* __restrict__ coeffs,
+                                 const int64_t* __restrict__ rng, int64_t numel, int64_t per_sample,
+                                 int64_t T, bool clip, float r) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for_each_element<kDraw>(numel, per_sample, t, T, rng, [&](int64_t i, float noise, int64_t ts) {
+    acc_t c[kStepColumns];
+#pragma unroll
+    for (int k = 0; k < kStepColumns; ++k) c[k] = coeffs[ts * kStepColumns + k];
+    const acc_t zi = kDraw ? static_cast<acc_t>(noise) : static_cast<acc_t>(z[i]);
+    out[i] = static_cast<scalar_t>(ddpm_step_elem<acc_t>(x[i], m[i], zi, c, clip, static_cast<acc_t>(r)));
+  });
 }
 
 template <typename scalar_t, bool kDraw>
@@ -60,29 +69,11 @@ __global__ void q_sample_kernel(const scalar_t* __restrict__ x0, scalar_t* __res
                                 const float* __restrict__ table, const int64_t* __restrict__ rng,
                                 int64_t numel, int64_t per_sample, int64_t T) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t blocks4 = (numel + 3) / 4;
-  const uint64_t seed = kDraw ? static_cast<uint64_t>(rng[0]) : 0;
-  const uint64_t offset = kDraw ? static_cast<uint64_t>(rng[1]) : 0;
-  for (int64_t blk = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; blk < blocks4;
-       blk += (int64_t)gridDim.x * blockDim.x) {
-    float noise[4] = {0.f, 0.f, 0.f, 0.f};
-    if (kDraw) normal4(static_cast<uint64_t>(blk), offset, seed, noise);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = blk * 4 + j;
-      if (i >= numel) break;
-      const int64_t ts = t[i / per_sample];
-      CUDA_KERNEL_ASSERT(ts >= 0 && ts < T && "q_sample: t out of [0, T)");
-      acc_t zi;
-      if (kDraw) {
-        zi = static_cast<acc_t>(noise[j]);
-        z[i] = static_cast<scalar_t>(zi);
-      } else {
-        zi = static_cast<acc_t>(z[i]);
-      }
-      out[i] = static_cast<scalar_t>(q_sample_elem<acc_t>(x0[i], zi, table[2 * ts], table[2 * ts + 1]));
-    }
-  }
+  for_each_element<kDraw>(numel, per_sample, t, T, rng, [&](int64_t i, float noise, int64_t ts) {
+    const acc_t zi = kDraw ? static_cast<acc_t>(noise) : static_cast<acc_t>(z[i]);
+    if (kDraw) z[i] = static_cast<scalar_t>(zi);
+    out[i] = static_cast<scalar_t>(q_sample_elem<acc_t>(x0[i], zi, table[2 * ts], table[2 * ts + 1]));
+  });
 }
 
 template <typename T>
@@ -148,18 +139,14 @@ __global__ void group_norm_act_kernel(const scalar_t* __restrict__ x, const floa
 
 }  // namespace
 
-at::Tensor ddpm_step_cuda(const at::Tensor& x_in, const at::Tensor& m_in, const at::Tensor& t,
-                          const at::Tensor& coeffs, const c10::optional<at::Tensor>& noise_in,
-                          const c10::optional<at::Tensor>& rng_state, c10::optional<double> clip) {
-  check_timesteps(t, x_in, coeffs, "coeffs", kStepColumns);
-  check_same_shape(m_in, x_in, "model_out");
-  check_noise_source(x_in, noise_in, rng_state);
-  check_clip(clip);
+// Writes the step into `out`, laid out densely like dense_like(x_in).
+void ddpm_step_into_cuda(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& m_in, const at::Tensor& t,
+                         const at::Tensor& coeffs, const c10::optional<at::Tensor>& noise_in,
+                         const c10::optional<at::Tensor>& rng_state, c10::optional<double> clip) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = dense_like(x_in, x_in), m = dense_like(m_in, x);
-  const bool draw = !noise_in.has_value();
-  const at::Tensor z = draw ? at::Tensor() : dense_like(*noise_in, x);
-  at::Tensor out = at::empty_like(x);
+  const StepInputs in = prepare_step(x_in, m_in, t, coeffs, noise_in, rng_state, clip);
+  const at::Tensor &x = in.x, &m = in.m, &z = in.noise;
+  const bool draw = in.draw;
   const int64_t numel = x.numel(), per = numel / x.size(0);
   const at::Tensor tc = t.contiguous();
   const int64_t* rng = draw ? rng_state->data_ptr<int64_t>() : nullptr;
@@ -177,7 +164,21 @@ at::Tensor ddpm_step_cuda(const at::Tensor& x_in, const at::Tensor& m_in, const 
           tc.data_ptr<int64_t>(), coeffs.data_ptr<float>(), nullptr, numel, per, coeffs.size(0), clip.has_value(), r);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor ddpm_step_cuda(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t, const at::Tensor& coeffs,
+                          const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng_state,
+                          c10::optional<double> clip) {
+  at::Tensor out = at::empty_like(dense_like(x, x));
+  ddpm_step_into_cuda(out, x, m, t, coeffs, noise, rng_state, clip);
   return out;
+}
+
+void ddpm_step_out_cuda(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t, const at::Tensor& coeffs,
+                        const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng_state,
+                        c10::optional<double> clip, at::Tensor out) {
+  check_step_out(out, x);
+  ddpm_step_into_cuda(out, x, m, t, coeffs, noise, rng_state, clip);
 }
 
 std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0_in, const at::Tensor& t,
@@ -243,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
 TORCH_LIBRARY_IMPL(fastddpm, CUDA, m) {
   m.impl("q_sample", &q_sample_cuda);
   m.impl("ddpm_step", &ddpm_step_cuda);
+  m.impl("ddpm_step_out", &ddpm_step_out_cuda);
   m.impl("group_norm_act", &group_norm_act_cuda);
 }
 

@@ -6,6 +6,8 @@
 
 #include <utility>
 
+#include "fastddpm/elementwise.h"
+
 namespace fastddpm {
 
 inline void check_floating(const at::Tensor& x, const char* name) {
@@ -74,6 +76,35 @@ inline at::Tensor dense_like(const at::Tensor& y, const at::Tensor& ref) {
   if (ref.dim() == 4 && !ref.is_contiguous() && ref.is_contiguous(at::MemoryFormat::ChannelsLast))
     return y.contiguous(at::MemoryFormat::ChannelsLast);
   return y.contiguous();
+}
+
+// The checked, densely laid out inputs of a ddpm_step (shared by the CPU and CUDA entry points).
+struct StepInputs {
+  at::Tensor x, m, noise;  // noise is undefined when it is drawn in-kernel
+  bool draw;
+};
+
+inline StepInputs prepare_step(const at::Tensor& x_in, const at::Tensor& m_in, const at::Tensor& t,
+                               const at::Tensor& coeffs, const c10::optional<at::Tensor>& noise_in,
+                               const c10::optional<at::Tensor>& rng_state, c10::optional<double> clip) {
+  check_timesteps(t, x_in, coeffs, "coeffs", kStepColumns);
+  check_same_shape(m_in, x_in, "model_out");
+  check_noise_source(x_in, noise_in, rng_state);
+  check_clip(clip);
+  StepInputs in;
+  in.x = dense_like(x_in, x_in);
+  in.m = dense_like(m_in, in.x);
+  in.draw = !noise_in.has_value();
+  in.noise = in.draw ? at::Tensor() : dense_like(*noise_in, in.x);
+  return in;
+}
+
+// `out` of ddpm_step_out: x's shape and dtype, in the dense layout the kernels write.
+inline void check_step_out(const at::Tensor& out, const at::Tensor& x) {
+  check_same_shape(out, x, "out");
+  TORCH_CHECK(out.strides() == dense_like(x, x).strides(),
+              "out: expected the dense layout of x (contiguous, or channels_last when x is), got strides ",
+              out.strides());
 }
 
 inline void check_group_norm_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
