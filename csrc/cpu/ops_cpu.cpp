@@ -204,56 +204,20 @@ void ddpm_step_out_cpu(const at::Tensor& x, const at::Tensor& m, const at::Tenso
 
 namespace {
 
-// y[i] = silu(x[i] * scale + shift) for float rows, cloned per ISA: SiLU's exp is arithmetic-heavy
-// and the baseline SSE2 build runs it an order of magnitude slower than AVX2.
-FDDPM_ISA_CLONES void affine_silu_f32(const float* x, float* y, int64_t n, float scale, float shift) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = silu(x[i] * scale + shift);
-}
-
-// Per-channel affine of the normalized output: y = act(x * scale[c] + shift[c]).
+// Row loops of group_norm_act. Each is a template (any storage dtype, computing in acc_t); the
+// float instantiations are cloned per ISA (FDDPM_ISA_CLONES): at the SSE2 baseline these loops
+// are compute-bound, SiLU's exp by an order of magnitude.
 template <typename scalar_t, typename acc_t>
-void normalize_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t scale, acc_t shift, bool silu_act) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (silu_act) return affine_silu_f32(x, y, n, scale, shift);
-  }
-  if (silu_act) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(silu(static_cast<acc_t>(x[i]) * scale + shift));
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * scale + shift);
-  }
-}
-
-// y[c] = silu(x[c] * scale[c] + shift[c]) along one channels_last row.
-FDDPM_ISA_CLONES void affine_silu_channels_f32(const float* x, float* y, int64_t n, const float* scale,
-                                               const float* shift) {
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) y[c] = silu(x[c] * scale[c] + shift[c]);
-}
-
-template <typename scalar_t, typename acc_t>
-void affine_silu_channels(const scalar_t* x, scalar_t* y, int64_t n, const acc_t* scale, const acc_t* shift) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return affine_silu_channels_f32(x, y, n, scale, shift);
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) y[c] = static_cast<scalar_t>(silu(static_cast<acc_t>(x[c]) * scale[c] + shift[c]));
-  }
-}
-
-// Sum of (x[i] + shift) and of its square over a contiguous row (vectorized reductions).
-template <typename scalar_t, typename acc_t>
-acc_t row_sum(const scalar_t* x, int64_t n) {
+acc_t row_sum_loop(const scalar_t* x, int64_t n) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += static_cast<acc_t>(x[i]);
   return s;
 }
 
+// Sum of (x[i] + shift)^2 over a row.
 template <typename scalar_t, typename acc_t>
-acc_t row_sq_dev(const scalar_t* x, int64_t n, acc_t shift) {
+acc_t row_sq_dev_loop(const scalar_t* x, int64_t n, acc_t shift) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) {
@@ -261,6 +225,75 @@ acc_t row_sq_dev(const scalar_t* x, int64_t n, acc_t shift) {
     s += d * d;
   }
   return s;
+}
+
+// y[i] = act(x[i] * scale + shift).
+template <bool kSilu, typename scalar_t, typename acc_t>
+void affine_row_loop(const scalar_t* x, scalar_t* y, int64_t n, acc_t scale, acc_t shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]) * scale + shift;
+    y[i] = static_cast<scalar_t>(kSilu ? silu(v) : v);
+  }
+}
+
+// y[c] = act(x[c] * scale[c] + shift[c]) along one channels_last row.
+template <bool kSilu, typename scalar_t, typename acc_t>
+void affine_channels_loop(const scalar_t* x, scalar_t* y, int64_t n, const acc_t* scale, const acc_t* shift) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t v = static_cast<acc_t>(x[c]) * scale[c] + shift[c];
+    y[c] = static_cast<scalar_t>(kSilu ? silu(v) : v);
+  }
+}
+
+FDDPM_ISA_CLONES float row_sum_f32(const float* x, int64_t n) { return row_sum_loop<float, float>(x, n); }
+FDDPM_ISA_CLONES float row_sq_dev_f32(const float* x, int64_t n, float shift) {
+  return row_sq_dev_loop<float, float>(x, n, shift);
+}
+FDDPM_ISA_CLONES void affine_row_f32(const float* x, float* y, int64_t n, float scale, float shift, bool silu_act) {
+  if (silu_act) affine_row_loop<true, float, float>(x, y, n, scale, shift);
+  else affine_row_loop<false, float, float>(x, y, n, scale, shift);
+}
+FDDPM_ISA_CLONES void affine_channels_f32(const float* x, float* y, int64_t n, const float* scale,
+                                          const float* shift, bool silu_act) {
+  if (silu_act) affine_channels_loop<true, float, float>(x, y, n, scale, shift);
+  else affine_channels_loop<false, float, float>(x, y, n, scale, shift);
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t row_sum(const scalar_t* x, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) return row_sum_f32(x, n);
+  else return row_sum_loop<scalar_t, acc_t>(x, n);
+}
+
+template <typename scalar_t, typename acc_t>
+acc_t row_sq_dev(const scalar_t* x, int64_t n, acc_t shift) {
+  if constexpr (std::is_same_v<scalar_t, float>) return row_sq_dev_f32(x, n, shift);
+  else return row_sq_dev_loop<scalar_t, acc_t>(x, n, shift);
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t scale, acc_t shift, bool silu_act) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    affine_row_f32(x, y, n, scale, shift, silu_act);
+  } else if (silu_act) {
+    affine_row_loop<true, scalar_t, acc_t>(x, y, n, scale, shift);
+  } else {
+    affine_row_loop<false, scalar_t, acc_t>(x, y, n, scale, shift);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize_channels(const scalar_t* x, scalar_t* y, int64_t n, const acc_t* scale, const acc_t* shift,
+                        bool silu_act) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    affine_channels_f32(x, y, n, scale, shift, silu_act);
+  } else if (silu_act) {
+    affine_channels_loop<true, scalar_t, acc_t>(x, y, n, scale, shift);
+  } else {
+    affine_channels_loop<false, scalar_t, acc_t>(x, y, n, scale, shift);
+  }
 }
 
 struct GroupNormArgs {
@@ -344,17 +377,9 @@ void group_norm_nhwc(const scalar_t* xp, scalar_t* yp, const acc_t* wp, const ac
         scale[c] = static_cast<acc_t>(i * w);
         shift[c] = static_cast<acc_t>(double(shift[c]) * i * w + (bp ? double(bp[c]) : 0.0));
       }
-      for (int64_t s = 0; s < a.HW; ++s) {
-        const scalar_t* row = xb + s * a.C;
-        scalar_t* out = yp + n * a.C * a.HW + s * a.C;
-        const acc_t *scp = scale.data(), *shp = shift.data();
-        if (a.silu) {
-          affine_silu_channels(row, out, a.C, scp, shp);
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < a.C; ++c) out[c] = static_cast<scalar_t>(static_cast<acc_t>(row[c]) * scp[c] + shp[c]);
-        }
-      }
+      for (int64_t s = 0; s < a.HW; ++s)
+        normalize_channels<scalar_t, acc_t>(xb + s * a.C, yp + n * a.C * a.HW + s * a.C, a.C, scale.data(),
+                                            shift.data(), a.silu);
     }
   });
 }
