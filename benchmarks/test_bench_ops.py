@@ -1,6 +1,9 @@
 """pytest-benchmark: the three ops and the U-Net forward, reference and fast path side by side.
 
-    pytest benchmarks/test_bench_ops.py [--quick] --benchmark-group-by=param:case
+    pytest --import-mode=importlib benchmarks [--quick] [--benchmark-disable]
+
+(importlib mode keeps the repository root off sys.path, so the installed package, with its
+compiled extension, is what gets timed.)
 
 Each fast path is checked against the reference on the same inputs before it is timed.
 """
@@ -27,3 +30,13 @@ def test_op(benchmark, cases, case, path):
         _check(c["fast"](), c["ref"](), c["name"], c["tol"])
     benchmark.extra_info["case"] = c["name"]
     benchmark(c["ref" if path == "reference" else "fast"])
+
+
+def test_fast_paths_are_native():
+    """The fast column must time the compiled kernels, not silently the reference again."""
+    import os
+
+    from fastddpm import ops
+
+    if os.environ.get("FASTDDPM_NATIVE") != "0":
+        assert not ops.native_status().startswith("unavailable"), ops.native_status()
