@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -23,7 +22,7 @@ from .diffusion import training_loss
 from .images import save_grid
 from .models.unet import PRESETS, UNet, UNetConfig
 from .pipeline import DDPM, _build
-from .schedule import PREDICTIONS, Schedule, ScheduleConfig
+from .schedule import Schedule, ScheduleConfig
 from .utils import resolve_device
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,7 +8,6 @@ import torch
 from fastddpm import PRESETS, UNet, UNetConfig
 from fastddpm.models.unet import ResBlock, timestep_embedding
 
-from conftest import randomize_zero_init
 
 
 @pytest.mark.parametrize("name,size", [("cifar10", 32), ("celebahq", 64), ("mnist", 32), ("digits", 8)])

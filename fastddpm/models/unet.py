@@ -11,7 +11,7 @@ one fused op (``fastddpm.ops.group_norm_act``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, Tuple
 
 import torch

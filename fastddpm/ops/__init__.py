@@ -21,6 +21,9 @@ import torch
 from . import _native, reference
 from .philox import PhiloxState, philox_normal
 
+__all__ = ["BACKENDS", "PhiloxState", "available_backends", "ddpm_step", "group_norm_act", "native_status",
+           "philox_normal", "q_sample", "use_backend"]
+
 BACKENDS = {"reference": reference}
 if _native.AVAILABLE:
     BACKENDS["native"] = _native
