@@ -8,7 +8,7 @@ Also a folder of images and ``.npy`` / ``.npz`` arrays.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -118,19 +118,3 @@ def load_dataset(name_or_path: str, *, resolution: Optional[int] = None,
         return load_array(name_or_path)
     raise ValueError(f"data: expected one of {BUNDLED}, an image folder or a .npy/.npz file, "
                      f"got {name_or_path!r}")
-
-
-def batches(images: torch.Tensor, batch_size: int, *, flip: bool = False,
-            generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-    """Endless shuffled mini-batches (epoch by epoch), randomly flipped left-right if ``flip``."""
-    if not 1 <= batch_size:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    n = images.shape[0]
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            b = images[order[start:start + batch_size]]
-            if flip:
-                mask = torch.rand(b.shape[0], generator=generator) < 0.5
-                b = torch.where(mask[:, None, None, None], b.flip(-1), b)
-            yield b

@@ -48,8 +48,9 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v.reshape(v.shape[0], -1, *([1] * (ndim - 2))) if v.dim() == 2 else v.reshape(1, -1, *([1] * (ndim - 2)))
+def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """[C] or [B, C] reshaped to broadcast over the spatial dims of an ndim-dim [B, C, ...] tensor."""
+    return v.reshape(v.shape[0] if v.dim() == 2 else 1, -1, *([1] * (ndim - 2)))
 
 
 def group_norm_act_backward(grad: torch.Tensor, x: torch.Tensor, weight, bias, temb, mean: torch.Tensor,
@@ -58,14 +59,14 @@ def group_norm_act_backward(grad: torch.Tensor, x: torch.Tensor, weight, bias, t
     N, C = x.shape[:2]
     dims = [0] + list(range(2, x.dim()))
     work = _stat_dtype(x)
-    h = x.to(work) + (_bcast(temb.to(work), x.dim()) if temb is not None else 0)
+    h = x.to(work) + (_per_channel(temb.to(work), x.dim()) if temb is not None else 0)
     xhat = ((h.reshape(N, groups, -1) - mean[..., None]) * rstd[..., None]).reshape(h.shape)
-    w = _bcast(weight.to(work), x.dim()) if weight is not None else None
+    w = _per_channel(weight.to(work), x.dim()) if weight is not None else None
     g = grad.to(work)
     if silu:
         u = xhat * w if w is not None else xhat
         if bias is not None:
-            u = u + _bcast(bias.to(work), x.dim())
+            u = u + _per_channel(bias.to(work), x.dim())
         sig = torch.sigmoid(u)
         g = g * sig * (1 + u * (1 - sig))
     gw = (g * xhat).sum(dims).to(weight.dtype) if weight is not None else None
