@@ -337,3 +337,14 @@ def test_ddpm_step_out_writes_in_place(kind):
     assert torch.equal(out, reference.ddpm_step(x, m, t, c, z, 1.0))
     with pytest.raises(RuntimeError, match="out: expected the dense layout"):
         torch.ops.fastddpm.ddpm_step_out(x, m, t, c, z, None, None, torch.empty(2, 3, 5, 4).transpose(-1, -2))
+
+
+def test_strided_timesteps_are_read_correctly():
+    x, m, z = (torch.randn(3, 2, 4, 4) for _ in range(3))
+    t = torch.tensor([1, 7, 500, 8, 999, 9])[::2]  # [1, 500, 999], not contiguous
+    c = COEFFS["fixed_small"]
+    assert not t.is_contiguous()
+    assert torch.equal(ops.ddpm_step(x, m, t, c, z, backend="native"),
+                       reference.ddpm_step(x, m, t.contiguous(), c, z))
+    assert torch.equal(ops.q_sample(x, t, NOISING, z, backend="native")[0],
+                       reference.q_sample(x, t.contiguous(), NOISING, z)[0])

@@ -127,7 +127,8 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const a
   const at::Tensor noise = draw ? at::empty_like(x0) : dense_like(*noise_in, x0);
   at::Tensor out = at::empty_like(x0);
   const int64_t numel = x0.numel(), per = numel / std::max<int64_t>(x0.size(0), 1);
-  const int64_t* tp = t.data_ptr<int64_t>();
+  const at::Tensor t_dense = t.contiguous();  // a strided [B] view must not be read as dense
+  const int64_t* tp = t_dense.data_ptr<int64_t>();
   const float* tab = table.data_ptr<float>();
   const auto [seed, offset] = read_rng_state(rng_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
@@ -154,7 +155,8 @@ void ddpm_step_into(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& m
   const at::Tensor &x = in.x, &m = in.m, &noise = in.noise;
   const bool draw = in.draw;
   const int64_t numel = x.numel(), per = numel / std::max<int64_t>(x.size(0), 1);
-  const int64_t* tp = t.data_ptr<int64_t>();
+  const at::Tensor t_dense = t.contiguous();  // a strided [B] view must not be read as dense
+  const int64_t* tp = t_dense.data_ptr<int64_t>();
   const float* tab = coeffs.data_ptr<float>();
   const auto [seed, offset] = read_rng_state(rng_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddpm_step_cpu", [&] {

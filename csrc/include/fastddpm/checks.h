@@ -38,7 +38,8 @@ inline void check_timesteps(const at::Tensor& t, const at::Tensor& x, const at::
               table.device());
   if (t.device().is_cpu()) {
     const int64_t T = table.size(0);
-    const int64_t* tp = t.contiguous().data_ptr<int64_t>();
+    const at::Tensor t_dense = t.contiguous();  // keep it alive while reading through the pointer
+    const int64_t* tp = t_dense.data_ptr<int64_t>();
     for (int64_t i = 0; i < t.numel(); ++i)
       TORCH_CHECK(tp[i] >= 0 && tp[i] < T, "t: expected timesteps in [0, ", T, "), got ", tp[i],
                   " at index ", i);
