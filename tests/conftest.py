@@ -1,9 +1,17 @@
 """Shared fixtures: a tiny U-Net with non-trivial outputs and a short schedule."""
 
-import pytest
+import os
+
 import torch
 
-from fastddpm import Schedule, UNet
+# Without a GPU, the Triton kernels are tested on CPU tensors through Triton's interpreter. The
+# variable must be set before the first kernel is defined (when fastddpm.ops is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastddpm import Schedule, UNet  # noqa: E402
 
 
 def randomize_zero_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -2,7 +2,8 @@
 
 Each op has exactly one public function here. ``backend`` selects the implementation:
 ``"reference"`` (pure PyTorch, always available), ``"native"`` (the compiled csrc kernels, when
-built) or ``"auto"`` (native where it has kernels for the tensor's device, else the reference).
+built), ``"triton"`` (Triton kernels: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or
+``"auto"`` (on CPU native, on CUDA the faster compiled backend present, else the reference).
 Inputs are validated here, once, so every backend sees well-formed tensors.
 
 Noise: pass ``noise``; or a ``generator`` (drawn with ``torch.randn``: bit-compatible with the
@@ -19,14 +20,20 @@ from typing import Optional, Tuple
 import torch
 
 from . import _native, reference
+from . import triton as _triton
 from .philox import PhiloxState, philox_normal
 
-__all__ = ["BACKENDS", "PhiloxState", "available_backends", "ddpm_step", "group_norm_act", "native_status",
-           "philox_normal", "q_sample", "use_backend"]
+__all__ = ["BACKENDS", "CUDA_PREFERENCE", "PhiloxState", "available_backends", "ddpm_step", "group_norm_act",
+           "native_status", "philox_normal", "q_sample", "triton_status", "use_backend"]
 
 BACKENDS = {"reference": reference}
 if _native.AVAILABLE:
     BACKENDS["native"] = _native
+if _triton.AVAILABLE:
+    BACKENDS["triton"] = _triton
+
+# On CUDA, "auto" takes the first of these that is present (order from the GPU benchmarks).
+CUDA_PREFERENCE = ("native", "triton")
 
 
 def available_backends() -> Tuple[str, ...]:
@@ -39,6 +46,16 @@ def native_status() -> str:
     if not _native.AVAILABLE:
         return f"unavailable ({_native.ERROR})"
     return "cpu + cuda kernels" if _native.cuda_available() else "cpu kernels"
+
+
+def triton_status() -> str:
+    """One line on the Triton backend: where it runs, or why it is unavailable."""
+    if not _triton.AVAILABLE:
+        return f"unavailable ({_triton.ERROR})"
+    import triton
+
+    where = "cuda" if torch.cuda.is_available() else "no GPU: cpu only under TRITON_INTERPRET=1"
+    return f"triton {triton.__version__} ({where})"
 
 
 # FASTDDPM_OPS=reference|native forces what "auto" means for the whole process.
@@ -64,8 +81,13 @@ def _impl(backend: str, device: torch.device):
     if backend == "auto" and _forced_backend is not None:
         backend = _forced_backend
     if backend == "auto":
-        if _native.AVAILABLE and (device.type == "cpu" or (device.type == "cuda" and _native.cuda_available())):
-            return _native
+        if device.type == "cpu":
+            return _native if _native.AVAILABLE else reference
+        if device.type == "cuda":
+            present = {"native": _native.cuda_available(), "triton": _triton.AVAILABLE}
+            for name in CUDA_PREFERENCE:
+                if present[name]:
+                    return BACKENDS[name]
         return reference
     try:
         return BACKENDS[backend]
@@ -85,6 +107,11 @@ def _check_t(t: torch.Tensor, x: torch.Tensor, table: torch.Tensor, table_name: 
                          f"{table.dtype} {tuple(table.shape)}")
     if table.device != x.device:
         raise ValueError(f"{table_name}: expected device {x.device}, got {table.device}")
+    if (t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
+            and not (0 <= int(t.min()) and int(t.max()) < table.shape[0])):
+        # Only where reading t is free: on a GPU it would cost a host sync per call, and a traced
+        # graph cannot branch on it. There t is trusted (the sampler makes its own).
+        raise ValueError(f"t: expected timesteps in [0, {table.shape[0]}), got {t.tolist()}")
 
 
 def _check_like(name: str, y: Optional[torch.Tensor], x: torch.Tensor):
@@ -93,6 +120,8 @@ def _check_like(name: str, y: Optional[torch.Tensor], x: torch.Tensor):
     if y.shape != x.shape or y.device != x.device:
         raise ValueError(f"{name}: expected shape {tuple(x.shape)} on {x.device}, got "
                          f"{tuple(y.shape)} on {y.device}")
+    if y.dtype != x.dtype:
+        raise ValueError(f"{name}: expected dtype {x.dtype} like x, got {y.dtype}")
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,

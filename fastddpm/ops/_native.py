@@ -1,4 +1,4 @@
-"""The compiled ops of csrc/ (``fastddpm._C``): fake kernels, autograd, and the backend functions.
+"""The compiled ops of csrc/ (``fastddpm._C``, op namespace ``fastddpm::``) as a backend.
 
 Importing this module never fails: when the extension is missing or broken, ``AVAILABLE`` is
 False, ``ERROR`` says why, and a warning is issued once (unless ``FASTDDPM_NATIVE=0``).
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-from .philox import PhiloxState
-from .reference import _per_sample
+from .compiled import CompiledOps, register_autograd, register_fakes
 
 AVAILABLE = False
 ERROR: Optional[str] = None
@@ -31,164 +30,15 @@ else:
                       f"Reinstall with a compiler present, or set FASTDDPM_NATIVE=0 to silence this.",
                       RuntimeWarning, stacklevel=2)
 
+if AVAILABLE:
+    register_fakes("fastddpm")
+    register_autograd("fastddpm")
+
 
 def cuda_available() -> bool:
     """Whether the extension carries CUDA kernels."""
     return AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddpm_step", "CUDA")
 
 
-def _dense_empty_like(x: torch.Tensor) -> torch.Tensor:
-    """The layout the kernels produce: channels_last when x is, else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.empty_like(x, memory_format=torch.channels_last)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """[C] or [B, C] reshaped to broadcast over the spatial dims of an ndim-dim [B, C, ...] tensor."""
-    return v.reshape(v.shape[0] if v.dim() == 2 else 1, -1, *([1] * (ndim - 2)))
-
-
-def group_norm_act_backward(grad: torch.Tensor, x: torch.Tensor, weight, bias, temb, mean: torch.Tensor,
-                            rstd: torch.Tensor, groups: int, silu: bool):
-    """Gradients (x, weight, bias, temb) of ``act(GN(x + temb) * w + b)`` from the saved statistics."""
-    N, C = x.shape[:2]
-    dims = [0] + list(range(2, x.dim()))
-    work = _stat_dtype(x)
-    h = x.to(work) + (_per_channel(temb.to(work), x.dim()) if temb is not None else 0)
-    xhat = ((h.reshape(N, groups, -1) - mean[..., None]) * rstd[..., None]).reshape(h.shape)
-    w = _per_channel(weight.to(work), x.dim()) if weight is not None else None
-    g = grad.to(work)
-    if silu:
-        u = xhat * w if w is not None else xhat
-        if bias is not None:
-            u = u + _per_channel(bias.to(work), x.dim())
-        sig = torch.sigmoid(u)
-        g = g * sig * (1 + u * (1 - sig))
-    gw = (g * xhat).sum(dims).to(weight.dtype) if weight is not None else None
-    gb = g.sum(dims).to(bias.dtype) if bias is not None else None
-    gxhat = (g * w if w is not None else g).reshape(N, groups, -1)
-    xg = xhat.reshape(N, groups, -1)
-    gx = rstd[..., None] * (gxhat - gxhat.mean(-1, keepdim=True) - xg * (gxhat * xg).mean(-1, keepdim=True))
-    gx = gx.reshape(x.shape)
-    gtemb = gx.sum(list(range(2, x.dim()))).to(temb.dtype) if temb is not None else None
-    return gx.to(x.dtype), gw, gb, gtemb
-
-
-if AVAILABLE:
-    @torch.library.register_fake("fastddpm::q_sample")
-    def _q_sample_fake(x0, t, table, noise, rng_state):
-        out = _dense_empty_like(x0)
-        return out, (_dense_empty_like(x0) if noise is None else x0.new_empty(0))
-
-    @torch.library.register_fake("fastddpm::ddpm_step")
-    def _ddpm_step_fake(x, model_out, t, coeffs, noise, rng_state, clip):
-        return _dense_empty_like(x)
-
-    @torch.library.register_fake("fastddpm::ddpm_step_out")
-    def _ddpm_step_out_fake(x, model_out, t, coeffs, noise, rng_state, clip, out):
-        return None
-
-    @torch.library.register_fake("fastddpm::group_norm_act")
-    def _group_norm_act_fake(x, weight, bias, groups, eps, temb, silu):
-        stats = x.new_empty((x.shape[0], groups), dtype=_stat_dtype(x))
-        return _dense_empty_like(x), stats, stats.clone()
-
-    def _gn_setup(ctx, inputs, output):
-        x, weight, bias, groups, eps, temb, silu = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, weight, bias, temb, mean, rstd)
-        ctx.groups, ctx.silu = groups, silu
-
-    def _gn_backward(ctx, grad, _gmean, _grstd):
-        x, weight, bias, temb, mean, rstd = ctx.saved_tensors
-        gx, gw, gb, gt = group_norm_act_backward(grad, x, weight, bias, temb, mean, rstd, ctx.groups, ctx.silu)
-        return gx, gw, gb, None, None, gt, None
-
-    torch.library.register_autograd("fastddpm::group_norm_act", _gn_backward, setup_context=_gn_setup)
-
-    # q_sample and ddpm_step are affine in their tensor inputs (piecewise, where x0 is clipped).
-    def _qs_setup(ctx, inputs, output):
-        x0, t, table, noise, _ = inputs
-        ctx.save_for_backward(t, table)
-        ctx.ndim, ctx.has_noise = x0.dim(), noise is not None
-
-    def _qs_backward(ctx, grad, _gnoise):
-        t, table = ctx.saved_tensors
-        a, b = _per_sample(table, t, ctx.ndim)
-        return (grad * a).to(grad.dtype), None, None, (grad * b).to(grad.dtype) if ctx.has_noise else None, None
-
-    torch.library.register_autograd("fastddpm::q_sample", _qs_backward, setup_context=_qs_setup)
-
-    def _step_setup(ctx, inputs, output):
-        x, model_out, t, coeffs, noise, _, clip = inputs
-        ctx.save_for_backward(x, model_out, t, coeffs)
-        ctx.clip, ctx.has_noise = clip, noise is not None
-
-    def _step_backward(ctx, grad):
-        x, m, t, coeffs = ctx.saved_tensors
-        p, q, m1, m2, m3, s = _per_sample(coeffs, t, x.dim())
-        inside = 1.0
-        if ctx.clip is not None:
-            inside = ((p * x.float() - q * m.float()).abs() < ctx.clip).float()
-        gx = grad * (m1 * p * inside + m2)
-        gm = grad * (m3 - m1 * q * inside)
-        gz = (grad * s).to(grad.dtype) if ctx.has_noise else None
-        return gx.to(grad.dtype), gm.to(grad.dtype), None, None, gz, None, None
-
-    torch.library.register_autograd("fastddpm::ddpm_step", _step_backward, setup_context=_step_setup)
-
-
-_DEFAULT_STATES = {}
-
-
-def default_rng(device: torch.device) -> PhiloxState:
-    """The process-wide Philox state for ``device``, seeded from torch's RNG on first use."""
-    key = str(device)
-    if key not in _DEFAULT_STATES:
-        _DEFAULT_STATES[key] = PhiloxState(device=device)
-    return _DEFAULT_STATES[key]
-
-
-def _noise_args(x, noise, generator, rng):
-    """(noise, rng_state) for the op: explicit noise, torch.randn from a generator, or Philox."""
-    if noise is not None:
-        return noise, None
-    if generator is not None:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), None
-    return None, (rng or default_rng(x.device))
-
-
-def q_sample(x0, t, table, noise=None, *, generator=None, rng=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Native ``q_sample``; see :func:`fastddpm.ops.q_sample`."""
-    noise, state = _noise_args(x0, noise, generator, rng)
-    xt, drawn = torch.ops.fastddpm.q_sample(x0, t, table, noise, state.tensor if state else None)
-    if state is not None:
-        state.advance()
-        return xt, drawn
-    return xt, noise
-
-
-def ddpm_step(x, model_out, t, coeffs, noise=None, clip=None, *, generator=None, out=None, rng=None):
-    """Native ``ddpm_step``; see :func:`fastddpm.ops.ddpm_step`."""
-    noise, state = _noise_args(x, noise, generator, rng)
-    rng_state = state.tensor if state else None
-    if out is not None and out.dtype == x.dtype and out.stride() == _dense_empty_like(x).stride():
-        torch.ops.fastddpm.ddpm_step_out(x, model_out, t, coeffs, noise, rng_state, clip, out)
-        result = out
-    else:
-        result = torch.ops.fastddpm.ddpm_step(x, model_out, t, coeffs, noise, rng_state, clip)
-        if out is not None:
-            result = out.copy_(result)
-    if state is not None:
-        state.advance()
-    return result
-
-
-def group_norm_act(x, weight, bias, groups, eps=1e-6, temb=None, act="silu"):
-    """Native ``group_norm_act``; see :func:`fastddpm.ops.group_norm_act`."""
-    return torch.ops.fastddpm.group_norm_act(x, weight, bias, groups, float(eps), temb, act == "silu")[0]
+_ops = CompiledOps("fastddpm")
+q_sample, ddpm_step, group_norm_act = _ops.q_sample, _ops.ddpm_step, _ops.group_norm_act
