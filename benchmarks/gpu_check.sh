@@ -1,24 +1,43 @@
 #!/usr/bin/env bash
-# One prepared check for a machine with an NVIDIA GPU (DESIGN.md section 6): build the extension
-# with CUDA for this machine's torch, run the CUDA tests and the native tests, then the op and
-# U-Net benchmarks on the GPU. Results go to ${OUT:-gpu_results}/. Meant to finish in < 8 minutes.
+# One prepared check for a machine with an NVIDIA GPU (DESIGN.md section 6). Builds the extension
+# with CUDA for that machine's torch, runs the GPU tests (native CUDA kernels, Triton kernels, the
+# sampler), then the GPU benchmarks. Results go to ${OUT:-gpu_results}/. Under 8 minutes on an H200.
+#
+#     bash benchmarks/gpu_check.sh [ops|sampler|all]     (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
+WHAT=${1:-all}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+step() { echo "== $1 ($(date +%T))"; }
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  "$PY" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, torch.version.cuda)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
+step build
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
-export FASTDDPM_CUDA=1 MAX_JOBS=${MAX_JOBS:-8}
+export FASTDDPM_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$(date +%s)
-"$PY" setup.py build_ext --inplace 2>&1 | tail -n 30 | tee "$OUT/build.txt"
-echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/build.txt"
-"$PY" -c "from fastddpm import ops; print('native:', ops.native_status())" | tee -a "$OUT/build.txt"
+timeout 240 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee "$OUT/build.txt"
+tail -n 15 "$OUT/build.log" >>"$OUT/build.txt"
+"$PY" -c "from fastddpm import ops; print('native:', ops.native_status()); print('triton:', ops.triton_status())" 2>&1 | tee -a "$OUT/build.txt"
 
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_native_ops.py 2>&1 | tail -n 40 \
-  | tee "$OUT/tests.txt"
-"$PY" -m benchmarks --device cuda --rounds 7 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
+if [[ $WHAT == ops || $WHAT == all ]]; then
+  step "op tests"
+  # every hypothesis shape would be autotuned afresh: the tests take each space's first config
+  FASTDDPM_TRITON_AUTOTUNE=0 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -x --hypothesis-seed=0 \
+    tests/test_cuda_ops.py tests/test_triton_ops.py 2>&1 | tail -n 40 | tee "$OUT/tests_ops.txt"
+  step "op benchmarks"
+  timeout 240 "$PY" -m benchmarks --device cuda --rounds 5 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
+fi
+if [[ $WHAT == sampler || $WHAT == all ]]; then
+  step "sampler tests"
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_sampler_gpu.py 2>&1 | tail -n 30 | tee "$OUT/tests_sampler.txt"
+  step "sampler benchmarks"
+  timeout 240 "$PY" -m benchmarks.sampler_report --device cuda --json "$OUT/bench_sampler_gpu.json" 2>&1 \
+    | tee "$OUT/bench_sampler_gpu.md"
+fi
+step done

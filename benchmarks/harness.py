@@ -25,6 +25,8 @@ def measure(fn: Callable[[], object], *, rounds: int = 7, warmup: int = 2, devic
     for _ in range(warmup):
         fn()
     _sync(device)
+    if device.type == "cuda":
+        return _measure_cuda(fn, rounds=rounds, min_time=max(min_time, 0.02))
     times = []
     for _ in range(rounds):
         n, start = 0, time.perf_counter()
@@ -45,3 +47,20 @@ def copy_bandwidth(nbytes: int, device="cpu", rounds: int = 7) -> float:
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), rounds=rounds, device=device)["median"]
     return 2 * src.numel() * 4 / t
+
+
+def _measure_cuda(fn: Callable[[], object], *, rounds: int, min_time: float) -> Dict[str, float]:
+    """GPU rounds: ``n`` back-to-back calls between two CUDA events (no sync between calls), with
+    ``n`` chosen so that a round lasts about ``min_time``."""
+    def timed(n: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+
+    n = max(1, min(10000, int(min_time / max(timed(3), 1e-7))))
+    times = [timed(n) for _ in range(rounds)]
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "rounds": rounds}

@@ -46,16 +46,16 @@ def op_cases(device: torch.device, quick: bool) -> List[Dict]:
     cases = [
         dict(name=f"ddpm_step {numel / 2**20:.0f}M, noise given, out=", bytes=4 * nbytes, tol=1e-5,
              ref=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0, out=out, backend="reference"),
-             fast=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0, out=out)),
+             fast=lambda be: ops.ddpm_step(x, m, t, coeffs, z, 1.0, out=out, backend=be)),
         dict(name=f"ddpm_step {numel / 2**20:.0f}M, in-kernel noise vs torch.randn, out=", bytes=3 * nbytes,
              tol=None,
              ref=lambda: ops.ddpm_step(x, m, t, coeffs, torch.randn(x.shape, generator=g, device=device), 1.0,
                                        out=out, backend="reference"),
-             fast=lambda: ops.ddpm_step(x, m, t, coeffs, None, 1.0, out=out, rng=rng)),
+             fast=lambda be: ops.ddpm_step(x, m, t, coeffs, None, 1.0, out=out, rng=rng, backend=be)),
         dict(name=f"q_sample {numel / 2**20:.0f}M, in-kernel noise vs torch.randn", bytes=3 * nbytes, tol=None,
              ref=lambda: ops.q_sample(x, t, noising, torch.randn(x.shape, generator=g, device=device),
                                       backend="reference"),
-             fast=lambda: ops.q_sample(x, t, noising, rng=rng)),
+             fast=lambda be: ops.q_sample(x, t, noising, rng=rng, backend=be)),
     ]
     for shape in ([(8, 128, 32, 32)] if quick else [(64, 128, 32, 32), (4, 256, 64, 64)]):
         N, C = shape[:2]
@@ -65,12 +65,12 @@ def op_cases(device: torch.device, quick: bool) -> List[Dict]:
         cases.append(dict(
             name=f"group_norm_act {'x'.join(map(str, shape))} +temb", bytes=2 * h.numel() * 4, tol=1e-4,
             ref=lambda h=h, temb=temb, w=w, b=b: F.silu(F.group_norm(h + temb[:, :, None, None], 32, w, b, 1e-6)),
-            fast=lambda h=h, temb=temb, w=w, b=b: ops.group_norm_act(h, w, b, 32, 1e-6, temb)))
+            fast=lambda be, h=h, temb=temb, w=w, b=b: ops.group_norm_act(h, w, b, 32, 1e-6, temb, backend=be)))
     return cases
 
 
 def unet_cases(device: torch.device, quick: bool) -> List[Dict]:
-    """U-Net forward with native ops (auto) against the same model with reference ops."""
+    """U-Net forward with fused ops against the same model with reference ops."""
     cases = []
     for preset, batch in ([("mnist", 16)] if quick else [("mnist", 16), ("cifar10", 16)]):
         torch.manual_seed(0)
@@ -84,8 +84,18 @@ def unet_cases(device: torch.device, quick: bool) -> List[Dict]:
                 return model(x, t)
 
         cases.append(dict(name=f"UNet {preset} forward, batch {batch}", bytes=None, tol=1e-4,
-                          ref=lambda run=run: run("reference"), fast=lambda run=run: run("auto")))
+                          ref=lambda run=run: run("reference"), fast=lambda be, run=run: run(be)))
     return cases
+
+
+def fast_backends(device: torch.device) -> List[str]:
+    """The compiled backends that run on ``device`` (Triton only on a GPU: its CPU interpreter is for tests)."""
+    names = []
+    if "native" in ops.available_backends() and (device.type == "cpu" or ops._native.cuda_available()):
+        names.append("native")
+    if device.type == "cuda" and "triton" in ops.available_backends():
+        names.append("triton")
+    return names
 
 
 def run(device="cpu", quick=False, rounds=7) -> Dict:
@@ -94,19 +104,22 @@ def run(device="cpu", quick=False, rounds=7) -> Dict:
     copy_bw = copy_bandwidth((1 << 22) if quick else (64 << 20), device=device, rounds=rounds)
     rows = []
     for case in op_cases(device, quick) + unet_cases(device, quick):
-        if case["tol"] is not None:
-            _check(case["fast"](), case["ref"](), case["name"], case["tol"])
         ref = measure(case["ref"], rounds=rounds, device=device)
-        fast = measure(case["fast"], rounds=rounds, device=device)
-        row = dict(name=case["name"], ref_s=ref["median"], fast_s=fast["median"], fast_min_s=fast["min"],
-                   fast_max_s=fast["max"], speedup=ref["median"] / fast["median"])
-        if case["bytes"]:
-            row["gb_s"] = case["bytes"] / fast["median"] / 1e9
-            row["frac_of_copy"] = case["bytes"] / fast["median"] / copy_bw
-        rows.append(row)
+        for backend in fast_backends(device):
+            fast_fn = lambda case=case, backend=backend: case["fast"](backend)  # noqa: E731
+            if case["tol"] is not None:
+                _check(fast_fn(), case["ref"](), f"{case['name']} [{backend}]", case["tol"])
+            fast = measure(fast_fn, rounds=rounds, device=device)
+            row = dict(name=f"{case['name']} [{backend}]", backend=backend, ref_s=ref["median"],
+                       fast_s=fast["median"], fast_min_s=fast["min"], fast_max_s=fast["max"],
+                       speedup=ref["median"] / fast["median"])
+            if case["bytes"]:
+                row["gb_s"] = case["bytes"] / fast["median"] / 1e9
+                row["frac_of_copy"] = case["bytes"] / fast["median"] / copy_bw
+            rows.append(row)
     return dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                 machine=platform.processor() or platform.machine(), copy_gb_s=copy_bw / 1e9,
-                native=ops.native_status(), rounds=rounds, rows=rows)
+                native=ops.native_status(), triton=ops.triton_status(), rounds=rounds, rows=rows)
 
 
 def markdown(result: Dict) -> str:

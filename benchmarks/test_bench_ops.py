@@ -22,14 +22,15 @@ def cases(quick):
     return {i: c for i, c in enumerate(op_cases(DEVICE, quick) + unet_cases(DEVICE, quick))}
 
 
-@pytest.mark.parametrize("path", ["reference", "fast"])
+@pytest.mark.parametrize("path", ["reference", "auto"])
 @pytest.mark.parametrize("case", range(len(NAMES)), ids=NAMES)
 def test_op(benchmark, cases, case, path):
     c = cases[case]
-    if path == "fast" and c["tol"] is not None:
-        _check(c["fast"](), c["ref"](), c["name"], c["tol"])
+    fn = c["ref"] if path == "reference" else (lambda: c["fast"](path))
+    if path != "reference" and c["tol"] is not None:
+        _check(fn(), c["ref"](), c["name"], c["tol"])
     benchmark.extra_info["case"] = c["name"]
-    benchmark(c["ref" if path == "reference" else "fast"])
+    benchmark(fn)
 
 
 def test_fast_paths_are_native():

@@ -11,14 +11,15 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTDDPM_TRITON_AUTOTUNE=0: take each space's first config (a good default) without tuning; tests
+# on many shapes use it, since every new shape would be tuned afresh.
+AUTOTUNE = not INTERPRET and os.environ.get("FASTDDPM_TRITON_AUTOTUNE", "1") != "0"
 
 
 def configs(space, **fixed):
-    """``triton.Config`` for each ``(meta-parameters, num_warps)`` of ``space``.
-
-    Under the CPU interpreter only the first config is kept: tuning there would time nothing real.
-    """
-    space = space[:1] if INTERPRET else space
+    """``triton.Config`` for each ``(meta-parameters, num_warps)`` of ``space``; only the first
+    when not tuning (under the CPU interpreter, tuning would time nothing real)."""
+    space = space if AUTOTUNE else space[:1]
     return [triton.Config({**meta, **fixed}, num_warps=warps) for meta, warps in space]
 
 
