@@ -21,17 +21,17 @@ step build
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
 export FASTDDPM_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 start=$(date +%s)
-timeout 240 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee "$OUT/build.txt"
+timeout 180 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee "$OUT/build.txt"
 tail -n 15 "$OUT/build.log" >>"$OUT/build.txt"
 "$PY" -c "from fastddpm import ops; print('native:', ops.native_status()); print('triton:', ops.triton_status())" 2>&1 | tee -a "$OUT/build.txt"
 
 if [[ $WHAT == ops || $WHAT == all ]]; then
   step "op tests"
   # every hypothesis shape would be autotuned afresh: the tests take each space's first config
-  FASTDDPM_TRITON_AUTOTUNE=0 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -x --hypothesis-seed=0 \
+  FASTDDPM_TRITON_AUTOTUNE=0 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -x --hypothesis-seed=0 \
     tests/test_cuda_ops.py tests/test_triton_ops.py 2>&1 | tail -n 40 | tee "$OUT/tests_ops.txt"
   step "op benchmarks"
-  timeout 240 "$PY" -m benchmarks --device cuda --rounds 5 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
+  timeout 200 "$PY" -m benchmarks --device cuda --rounds 5 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
 fi
 if [[ $WHAT == sampler || $WHAT == all ]]; then
   step "sampler tests"
