@@ -29,13 +29,13 @@ if [[ $WHAT == ops || $WHAT == all ]]; then
   step "op tests"
   # every hypothesis shape would be autotuned afresh: the tests take each space's first config
   FASTDDPM_TRITON_AUTOTUNE=0 timeout 150 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-seed=0 \
-    tests/test_cuda_ops.py tests/test_triton_ops.py 2>&1 | tail -n 40 | tee "$OUT/tests_ops.txt"
+    tests/test_cuda_ops.py tests/test_triton_ops.py -p no:logging -rf --tb=short 2>&1 | tee "$OUT/tests_ops.txt" | tail -n 60
   step "op benchmarks"
   timeout 200 "$PY" -m benchmarks --device cuda --rounds 5 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
 fi
 if [[ $WHAT == sampler || $WHAT == all ]]; then
   step "sampler tests"
-  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_sampler_gpu.py 2>&1 | tail -n 30 | tee "$OUT/tests_sampler.txt"
+  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_sampler_gpu.py -p no:logging -rf --tb=short 2>&1 | tee "$OUT/tests_sampler.txt" | tail -n 40
   step "sampler benchmarks"
   timeout 240 "$PY" -m benchmarks.sampler_report --device cuda --json "$OUT/bench_sampler_gpu.json" 2>&1 \
     | tee "$OUT/bench_sampler_gpu.md"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastddpm import Schedule, UNet, ops
 from fastddpm.ops import PhiloxState
 
-from .harness import copy_bandwidth, measure
+from .harness import copy_bandwidth, measure, measure_graphed
 
 
 def _check(fast: torch.Tensor, ref: torch.Tensor, name: str, tol: float):
@@ -116,6 +116,14 @@ def run(device="cpu", quick=False, rounds=7) -> Dict:
             if case["bytes"]:
                 row["gb_s"] = case["bytes"] / fast["median"] / 1e9
                 row["frac_of_copy"] = case["bytes"] / fast["median"] / copy_bw
+            if device.type == "cuda":  # kernel time without launch overhead, as in the sampler's graphs
+                ref_g, fast_g = measure_graphed(case["ref"], rounds=rounds), measure_graphed(fast_fn, rounds=rounds)
+                if fast_g:
+                    row["graphed_s"] = fast_g["median"]
+                    if ref_g:
+                        row["graphed_speedup"] = ref_g["median"] / fast_g["median"]
+                    if case["bytes"]:
+                        row["graphed_frac_of_copy"] = case["bytes"] / fast_g["median"] / copy_bw
             rows.append(row)
     return dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                 machine=platform.processor() or platform.machine(), copy_gb_s=copy_bw / 1e9,
@@ -132,6 +140,14 @@ def markdown(result: Dict) -> str:
         bw = f"{r['gb_s']:.1f} | {100 * r['frac_of_copy']:.0f}%" if "gb_s" in r else "- | -"
         lines.append(f"| {r['name']} | {1e3 * r['ref_s']:.2f} ms | {1e3 * r['fast_s']:.2f} ms | "
                      f"{1e3 * r['fast_min_s']:.2f}..{1e3 * r['fast_max_s']:.2f} ms | {r['speedup']:.2f}x | {bw} |")
+    graphed = [r for r in result["rows"] if "graphed_s" in r]
+    if graphed:
+        lines += ["", "In CUDA graphs (kernel time, no launch overhead; 20 calls per graph):", "",
+                  "| case | fast (median) | speed-up over graphed reference | of copy |", "|---|---:|---:|---:|"]
+        for r in graphed:
+            sp = f"{r['graphed_speedup']:.2f}x" if "graphed_speedup" in r else "-"
+            frac = f"{100 * r['graphed_frac_of_copy']:.0f}%" if "graphed_frac_of_copy" in r else "-"
+            lines.append(f"| {r['name']} | {1e6 * r['graphed_s']:.1f} us | {sp} | {frac} |")
     return "\n".join(lines)
 
 

@@ -72,8 +72,9 @@ def _check_group_norm_act(n, groups, per_group, hw, dtype, kind, with_temb, with
                               temb.to(dtype) if temb is not None else None, act, backend="triton")
     assert fast.dtype == dtype and fast.shape == x.shape
 
-    def ref(xx, *_):
-        return reference.group_norm_act(xx, w, b, groups, 1e-6, temb.to(xx.dtype) if temb is not None else None, act)
+    def ref(xx, *_):  # in a low dtype, as eager code runs it: parameters in that dtype too
+        low = [v.to(xx.dtype) if v is not None else None for v in (w, b, temb)]
+        return reference.group_norm_act(xx, low[0], low[1], groups, 1e-6, low[2], act)
 
     assert_close_by_dtype(fast, ref, (x,), dtype, rtol=1e-4, atol=1e-4)
 
