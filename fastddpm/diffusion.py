@@ -101,3 +101,34 @@ def reference_sample(model: Callable, schedule: Schedule, shape, *, variance: st
             mean = mean + sigma[i] * z.double()
         x = mean.float()
     return x
+
+
+def reference_ddim_sample(model: Callable, schedule: Schedule, shape, *, eta: float = 0.0, clip: bool = False,
+                          direction: str = "rederived", generator: Optional[torch.Generator] = None,
+                          device="cpu") -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) from the paper's formulas, for an eps-predicting model: the
+    oracle for the DDIM sampler. On a respaced ``schedule``, abar_prev is that of the previous kept step.
+
+    ``x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)`` (clipped to [-1, 1] when asked);
+    ``sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)``;
+    ``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps' + sigma z``, with eps' the
+    model's eps (``direction="model"``, diffusers' default) or re-derived from the clipped x0
+    (``"rederived"``). Noise order: ``x_T``, then one draw per step with sigma > 0.
+    """
+    x = torch.randn(shape, generator=generator, device=device)
+    for i in reversed(range(schedule.T)):
+        abar, abar_prev = float(schedule.abar[i]), float(schedule.abar_prev[i])
+        t = torch.full((shape[0],), int(schedule.timesteps[i]), dtype=torch.int64, device=device)
+        eps = model(x, t).double()
+        xd = x.double()
+        x0 = (xd - (1 - abar) ** 0.5 * eps) / abar**0.5
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        if direction == "rederived":
+            eps = (xd - abar**0.5 * x0) / (1 - abar) ** 0.5
+        sigma = eta * ((1 - abar_prev) / (1 - abar)) ** 0.5 * (1 - abar / abar_prev) ** 0.5
+        out = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            out = out + sigma * torch.randn(shape, generator=generator, device=device).double()
+        x = out.float()
+    return x

@@ -1,7 +1,7 @@
-"""Sampling: ancestral DDPM (Algorithm 2) and DDIM, on the full or a respaced schedule.
+"""``fastddpm.sample``: ancestral DDPM (Algorithm 2) and DDIM, on the full or a respaced schedule.
 
-Every sampler is the same loop — ``m = model(x, t)``, then one ``ddpm_step`` with that sampler's
-coefficient table (DESIGN.md section 2) — so every sampler runs through the one fused step op.
+This module validates what the user asked for and splits it into batches; the loop itself is
+:class:`fastddpm.sampler.Sampler` (one fused step op for every sampler, DESIGN.md section 2).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from . import ops
+from .ops import PhiloxState
 from .pipeline import DDPM, resolve_model
+from .sampler import Sampler
 from .schedule import DDIM_DIRECTIONS, VARIANCES, Schedule
 from .utils import resolve_device
 
@@ -36,40 +37,14 @@ def _model_device(model) -> Optional[torch.device]:
     return None
 
 
-@torch.no_grad()
-def sample_loop(model: Callable, schedule: Schedule, shape: Sequence[int], *,
-                coeffs: torch.Tensor, clip: Optional[float], generator: torch.Generator,
-                device: torch.device, progress: bool = False,
-                callback: Optional[Callable] = None) -> torch.Tensor:
-    """Run the reverse process from ``x_T ~ N(0, I)`` through every index of ``schedule``.
-
-    Noise order matches :func:`fastddpm.diffusion.reference_sample`: ``x_T`` first, then one draw
-    for each step whose noise scale is non-zero. ``callback(i, t, x)`` is called after each step.
-    """
-    from tqdm.auto import tqdm
-
-    x = torch.randn(tuple(shape), generator=generator, device=device)
-    b = x.shape[0]
-    noisy = (coeffs[:, 5] > 0).tolist()  # host copy once, before the loop
-    model_t = schedule.timesteps.to(device)
-    zeros = torch.zeros_like(x)
-    for i in tqdm(reversed(range(schedule.T)), total=schedule.T, disable=not progress,
-                  desc="sample", unit="step", leave=False):
-        idx = torch.full((b,), i, dtype=torch.int64, device=device)
-        m = model(x, model_t[idx])
-        z = torch.randn(x.shape, generator=generator, device=device) if noisy[i] else zeros
-        x = ops.ddpm_step(x, m, idx, coeffs, noise=z, clip=clip)
-        if callback is not None:
-            callback(i, int(schedule.timesteps[i]), x)
-    return x
-
-
 def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist", n: int = 16, *,
            steps: Optional[int] = None, sampler: str = "ddpm", variance: str = "fixed_large",
            clip: Union[bool, float] = True, eta: float = 0.0, ddim_direction: str = "rederived",
            seed: Optional[int] = None, generator: Optional[torch.Generator] = None, device="cpu",
            batch_size: Optional[int] = None, shape: Optional[Sequence[int]] = None,
-           progress: bool = True, callback: Optional[Callable] = None) -> torch.Tensor:
+           progress: bool = True, callback: Optional[Callable] = None, noise: str = "generator",
+           dtype="float32", channels_last: bool = False, compile=False, cuda_graph: bool = False,
+           graph_steps: int = 1) -> torch.Tensor:
     """Generate ``n`` images in [-1, 1], shaped ``[n, C, H, W]``, on ``device``.
 
     model_or_path: a :class:`DDPM`, a :class:`UNet` or any ``eps_model(x, t)`` (linear schedule,
@@ -80,9 +55,17 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
     variance: ``"fixed_large"`` (beta_t; the paper's CIFAR-10 choice) or ``"fixed_small"``.
     clip: clip the predicted x0 to [-1, 1] (or to [-clip, clip] for a float).
     seed / generator: reproducibility; a given ``generator`` is used as is (and advanced).
-    batch_size: images per forward pass (default: all ``n`` at once).
+    noise: ``"generator"`` (``torch.randn`` from the generator: the reference sampler's draws,
+        equal results in float32) or ``"philox"`` (drawn inside the step kernel from a Philox
+        state seeded by ``seed``; required by ``cuda_graph``, faster on CPU).
+    batch_size: images per forward pass (default: all ``n`` at once; on a GPU, halved until a
+        batch fits in memory).
     shape: ``(C, H, W)``; needed only for a model that is not a fastddpm UNet.
-    callback: ``callback(i, t, x)`` after each step.
+    callback: ``callback(i, t, x, x0)`` after each step (x0: the model's prediction at that step).
+    dtype: the U-Net's compute dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (autocast).
+    channels_last: run the U-Net on channels_last tensors.
+    compile: ``torch.compile`` the U-Net (True, or a mode such as ``"max-autotune"``).
+    cuda_graph / graph_steps: replay captured CUDA graphs of ``graph_steps`` steps each (CUDA).
 
     Example::
 
@@ -114,8 +97,17 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
     if model_device is not None and model_device != device:
         raise ValueError(f"device: the model's parameters are on {model_device}, but sampling was "
                          f"asked on {device}; move the model with .to({str(device)!r}) first")
-    if generator is None:
-        seed = random.randrange(2**63) if seed is None else seed
+    if noise not in ("generator", "philox"):
+        raise ValueError(f"noise: expected 'generator' or 'philox', got {noise!r}")
+    if cuda_graph and noise != "philox":
+        raise ValueError("noise: cuda_graph=True needs noise='philox' (drawn inside the captured step)")
+    seed = random.randrange(2**62) if seed is None else seed
+    rng = None
+    if noise == "philox":
+        if generator is not None:
+            raise ValueError("generator: not used with noise='philox'; pass seed= instead")
+        rng = PhiloxState(seed, device=device)
+    elif generator is None:
         generator = torch.Generator(device).manual_seed(seed)
     elif generator.device != device:
         raise ValueError(f"generator: expected a generator on {device}, got one on {generator.device}")
@@ -126,12 +118,32 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
     was_training = getattr(ddpm.model, "training", False)
     if isinstance(ddpm.model, torch.nn.Module):
         ddpm.model.eval()
+    options = dict(clip=clip_value, device=device, dtype=dtype, channels_last=channels_last, compile=compile,
+                   cuda_graph=cuda_graph, graph_steps=graph_steps)
     try:
-        chunks = [sample_loop(ddpm.model, schedule, (min(batch_size, n - start), *image_shape),
-                              coeffs=coeffs, clip=clip_value, generator=generator, device=device,
-                              progress=progress, callback=callback)
-                  for start in range(0, n, batch_size)]
+        return _sample_in_batches(ddpm.model, schedule, coeffs, n, batch_size, image_shape, options,
+                                  dict(generator=generator, rng=rng, callback=callback, progress=progress))
     finally:
         if was_training:
             ddpm.model.train()
+
+
+def _sample_in_batches(model, schedule, coeffs, n, batch_size, image_shape, options, run_args) -> torch.Tensor:
+    """Run the sampler over ``n`` images ``batch_size`` at a time; on CUDA, halve the batch when it
+    does not fit in memory (the draws then differ from one full batch, as they would by hand)."""
+    chunks, start, samplers = [], 0, {}
+    while start < n:
+        size = min(batch_size, n - start)
+        try:
+            if size not in samplers:
+                samplers[size] = Sampler(model, schedule, coeffs, (size, *image_shape), **options)
+            chunks.append(samplers[size].run(**run_args))
+        except torch.cuda.OutOfMemoryError:
+            samplers.clear()
+            torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            continue
+        start += size
     return torch.cat(chunks)

@@ -58,11 +58,15 @@ def test_ddim_eta_one_equals_ddpm_fixed_small(tiny_unet, short_schedule):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_callback_sees_every_step(tiny_unet, short_schedule):
+def test_callback_sees_every_step_and_records_x0_predictions(tiny_unet, short_schedule):
     steps = []
-    sample(DDPM(tiny_unet, short_schedule), 1, seed=0, progress=False,
-           callback=lambda i, t, x: steps.append((i, t, x.shape)))
+    out = sample(DDPM(tiny_unet, short_schedule), 1, seed=0, progress=False,
+                 callback=lambda i, t, x, x0: steps.append((i, t, x.clone(), x0.clone())))
     assert [s[0] for s in steps] == list(range(19, -1, -1))
+    assert torch.equal(steps[-1][2], out)
+    assert all(s[3].abs().max() <= 1.0 for s in steps)  # x0 predictions, clipped like the step
+    # at the last step (abar_prev = 1) the sample is the x0 prediction itself
+    torch.testing.assert_close(steps[-1][3], out, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,match", [

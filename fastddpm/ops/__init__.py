@@ -96,7 +96,8 @@ def _impl(backend: str, device: torch.device):
                          f"got {backend!r}") from None
 
 
-def _check_t(t: torch.Tensor, x: torch.Tensor, table: torch.Tensor, table_name: str, cols: int):
+def _check_t(t: torch.Tensor, x: torch.Tensor, table: torch.Tensor, table_name: str, cols: int,
+             check_range: bool = True):
     if not torch.is_tensor(t) or t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != x.shape[0]:
         raise ValueError(f"t: expected an int64 tensor of shape [{x.shape[0]}], got "
                          f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
@@ -107,7 +108,7 @@ def _check_t(t: torch.Tensor, x: torch.Tensor, table: torch.Tensor, table_name: 
                          f"{table.dtype} {tuple(table.shape)}")
     if table.device != x.device:
         raise ValueError(f"{table_name}: expected device {x.device}, got {table.device}")
-    if (t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
+    if (check_range and t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
             and not (0 <= int(t.min()) and int(t.max()) < table.shape[0])):
         # Only where reading t is free: on a GPU it would cost a host sync per call, and a traced
         # graph cannot branch on it. There t is trusted (the sampler makes its own).
@@ -139,12 +140,14 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs: torch.Tensor,
               noise: Optional[torch.Tensor] = None, clip: Optional[float] = None, *,
               generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None,
-              rng: Optional[PhiloxState] = None, backend: str = "auto") -> torch.Tensor:
+              rng: Optional[PhiloxState] = None, backend: str = "auto", trusted_t: bool = False) -> torch.Tensor:
     """One reverse step of any sampler (DESIGN.md section 2) with coefficient table ``coeffs``.
 
     ``coeffs`` is ``schedule.table("step", device, ...)``; ``clip`` bounds x0 to ``[-clip, clip]``.
+    ``trusted_t``: skip reading ``t`` to check its range (for loops that built ``t`` themselves:
+    the check reads the tensor on the host).
     """
-    _check_t(t, x, coeffs, "coeffs", 6)
+    _check_t(t, x, coeffs, "coeffs", 6, check_range=not trusted_t)
     _check_like("model_out", model_out, x)
     _check_like("noise", noise, x)
     _check_like("out", out, x)

@@ -36,6 +36,16 @@ class PhiloxState:
         """Move to the next stream (device-side; no host sync)."""
         self.tensor[1:].add_(1)
 
+    def randn(self, shape) -> torch.Tensor:
+        """float32 normals of the current stream, shaped ``shape``, then :meth:`advance` (reads the
+        state on the host: for a start value, not for a loop)."""
+        seed, offset = self.tensor.tolist()
+        self.advance()
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        return philox_normal(numel, seed, offset, device=self.device).reshape(tuple(shape))
+
     def __repr__(self) -> str:
         seed, offset = self.tensor.tolist()
         return f"PhiloxState(seed={seed}, offset={offset}, device={self.device})"

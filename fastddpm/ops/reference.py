@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .philox import PhiloxState, philox_normal
+from .philox import PhiloxState
 
 
 def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> Tuple[torch.Tensor, ...]:
@@ -25,10 +25,7 @@ def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> Tuple[torch.
 def _draw(x: torch.Tensor, generator: Optional[torch.Generator], rng: Optional[PhiloxState]) -> torch.Tensor:
     """Noise like ``x``: the Philox stream of ``rng`` (then advanced), else ``torch.randn``."""
     if rng is not None:
-        seed, offset = rng.tensor.tolist()
-        rng.advance()
-        z = philox_normal(x.numel(), seed, offset, device=x.device).to(x.dtype)
-        return z.reshape(x.shape)
+        return rng.randn(x.shape).to(x.dtype)
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
