@@ -19,7 +19,7 @@ step() { echo "== $1 ($(date +%T))"; }
 
 step build
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
-export FASTDDPM_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+export FASTDDPM_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} FASTDDPM_CUDA_ARCHS=${FASTDDPM_CUDA_ARCHS:-90}
 start=$(date +%s)
 timeout 180 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee "$OUT/build.txt"
 tail -n 15 "$OUT/build.log" >>"$OUT/build.txt"
@@ -31,7 +31,7 @@ if [[ $WHAT == ops || $WHAT == all ]]; then
   FASTDDPM_TRITON_AUTOTUNE=0 timeout 150 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-seed=0 \
     tests/test_cuda_ops.py tests/test_triton_ops.py -p no:logging -rf --tb=short 2>&1 | tee "$OUT/tests_ops.txt" | tail -n 60
   step "op benchmarks"
-  timeout 200 "$PY" -m benchmarks --device cuda --rounds 5 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
+  timeout 200 "$PY" -m benchmarks --device cuda --rounds 3 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
 fi
 if [[ $WHAT == sampler || $WHAT == all ]]; then
   step "sampler tests"

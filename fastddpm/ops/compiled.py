@@ -19,6 +19,13 @@ def dense_empty_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _laid_out_like_output(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``out`` has the layout of :func:`dense_empty_like` (x) (checked without allocating)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return out.is_contiguous(memory_format=torch.channels_last)
+    return out.is_contiguous()
+
+
 def stat_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype of the saved group statistics: float64 for float64 inputs, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -170,7 +177,7 @@ class CompiledOps:
         """``ddpm_step`` of this backend; see :func:`fastddpm.ops.ddpm_step`."""
         noise, state = _noise_args(x, noise, generator, rng)
         rng_state = state.tensor if state else None
-        if out is not None and out.dtype == x.dtype and out.stride() == dense_empty_like(x).stride():
+        if out is not None and out.dtype == x.dtype and _laid_out_like_output(out, x):
             self._ops.ddpm_step_out(x, model_out, t, coeffs, noise, rng_state, clip, out)
             result = out
         else:

@@ -1,0 +1,228 @@
+"""Sampler benchmarks: the fast sampler against the reference sampler, same model, same noise.
+
+    python -m benchmarks.sampler_report [--device cpu|cuda] [--quick] [--json out.json]
+
+CPU rows: the ``mnist`` preset (batch 16, 100 steps) and the ``cifar10`` preset (batch 16; 10 steps
+timed, per-step times reported), fp32 and bf16, eager and compiled; the share of a step spent
+outside the U-Net; bf16 against fp32 samples from the same noise (the bundled mnist model, 100 steps).
+GPU rows: ``cifar10`` at batch 256 in bf16 for 1000 steps, batch 1 eager against CUDA graphs of
+K steps (capture time, memory and per-step time). Each fast result is checked against the
+reference before it is timed; every time is the median of the rounds run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+from fastddpm import Sampler, Schedule, UNet, ops, reference_sample
+from fastddpm.ops import PhiloxState
+
+from .harness import measure
+
+
+def _model(preset: str, device) -> UNet:
+    torch.manual_seed(0)
+    model = UNet.from_preset(preset).to(device).eval()
+    with torch.no_grad():  # the output conv starts at zero: give it weights so outputs depend on x
+        model.conv_out.weight.normal_(0, 0.02)
+    return model
+
+
+def _timed(fn: Callable[[], torch.Tensor], device, rounds: int) -> Dict[str, float]:
+    times = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def _reference(model, schedule, shape, device, seed):
+    def run():
+        with torch.no_grad(), ops.use_backend("reference"):
+            return reference_sample(model, schedule, shape, clip=True, device=device,
+                                    generator=torch.Generator(device).manual_seed(seed))
+    return run
+
+
+def _fast(model, schedule, shape, device, seed, **options):
+    coeffs = schedule.table("step", device, sampler="ddpm", variance="fixed_large")
+    sampler = Sampler(model, schedule, coeffs, shape, device=device, **options)
+    return lambda: sampler.run(generator=torch.Generator(device).manual_seed(seed))
+
+
+def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
+    """Fast sampler variants against the reference sampler on this CPU."""
+    device = torch.device("cpu")
+    rows = []
+    jobs = [("mnist", 16, 10 if quick else 100)] + ([] if quick else [("cifar10", 16, 10)])
+    for preset, batch, steps in jobs:
+        model = _model(preset, device)
+        c, r = model.config.in_channels, model.config.resolution
+        shape = (batch, c, r, r)
+        schedule = Schedule.linear().respaced(steps)
+        ref_fn = _reference(model, schedule, shape, device, 0)
+        ref_x = ref_fn()
+        ref = _timed(ref_fn, device, rounds)
+        variants = [("eager fp32", {}, 1e-4), ("compiled fp32", {"compile": True}, 1e-3)]
+        if preset == "cifar10" or not quick:
+            variants += [("eager bf16", {"dtype": "bfloat16"}, None), ("compiled bf16", {"dtype": "bfloat16",
+                                                                                      "compile": True}, None)]
+        for name, options, tol in variants:
+            torch._dynamo.reset()
+            fast_fn = _fast(model, schedule, shape, device, 0, **options)
+            x = fast_fn()  # also the compile
+            err = (x - ref_x).abs().max().item()
+            if tol is not None and not err <= tol:
+                raise AssertionError(f"{preset} {name}: fast sampler differs from the reference by {err}")
+            fast = _timed(fast_fn, device, rounds)
+            rows.append(dict(name=f"{preset} batch {batch}, {steps} steps, {name}", steps=steps,
+                             ref_s=ref["median"], fast_s=fast["median"], fast_min_s=fast["min"],
+                             fast_max_s=fast["max"], speedup=ref["median"] / fast["median"],
+                             max_diff_vs_ref=err))
+    return rows
+
+
+def step_overhead(rounds: int) -> Dict:
+    """Share of a fast-sampler step (eager, native ops) spent outside the U-Net, mnist batch 16."""
+    device = torch.device("cpu")
+    model = _model("mnist", device)
+    schedule = Schedule.linear().respaced(20)
+    x, t = torch.randn(16, 1, 32, 32), torch.full((16,), 500)
+    fn = _fast(model, schedule, (16, 1, 32, 32), device, 0)
+    with torch.no_grad():
+        step = _timed(fn, device, rounds)["median"] / 20
+        forward = measure(lambda: model(x, t), rounds=rounds)["median"]
+    return dict(forward_s=forward, step_s=step, overhead=(step - forward) / step)
+
+
+def bf16_quality(steps: int = 100) -> Dict:
+    """bf16 against fp32 samples of the bundled mnist model from the same noise."""
+    from fastddpm.pipeline import resolve_model
+
+    ddpm = resolve_model("mnist", torch.device("cpu"))
+    schedule = ddpm.schedule.respaced(steps)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        out[dtype] = _fast(ddpm.model, schedule, (16, 1, 32, 32), torch.device("cpu"), 1, dtype=dtype)()
+    diff = (out["bfloat16"] - out["float32"]).abs()
+    return dict(steps=steps, max_abs_diff=diff.max().item(), mean_abs_diff=diff.mean().item())
+
+
+def _report(row: Dict) -> Dict:
+    """Print a row as soon as it is measured (a long run cut short still reports what it did)."""
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
+    """GPU: cifar10 batch 256 bf16 over 1000 steps; batch 1 eager against CUDA graphs."""
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    model = _model("cifar10", device)
+    big = (64 if quick else 256, 3, 32, 32)
+    full = Schedule.linear()
+    coeffs = full.table("step", device, sampler="ddpm", variance="fixed_large")
+    for name, options in [("eager bf16", {"dtype": "bfloat16"}),
+                          ("CUDA graph bf16", {"dtype": "bfloat16", "cuda_graph": True}),
+                          ("compiled + CUDA graph bf16", {"dtype": "bfloat16", "cuda_graph": True, "compile": True})]:
+        torch._dynamo.reset()
+        sampler = Sampler(model, full, coeffs, big, device=device, **options)
+        first = _timed(lambda: sampler.run(rng=PhiloxState(0, device=device)), device, 1)["median"]
+        t = _timed(lambda: sampler.run(rng=PhiloxState(0, device=device)), device, 1)
+        rows.append(_report(dict(name=f"cifar10 batch {big[0]}, 1000 steps, {name}", fast_s=t["median"],
+                                 first_run_s=first, fast_min_s=t["min"], fast_max_s=t["max"])))
+        del sampler
+    model1 = _model("cifar10", device)
+    steps = 200
+    schedule = full.respaced(steps)
+    coeffs = schedule.table("step", device, sampler="ddpm", variance="fixed_large")
+    eager = Sampler(model1, schedule, coeffs, (1, 3, 32, 32), device=device)
+    eager.run(rng=PhiloxState(0, device=device))
+    base = _timed(lambda: eager.run(rng=PhiloxState(0, device=device)), device, rounds)["median"]
+    rows.append(_report(dict(name=f"cifar10 batch 1, {steps} steps, eager fp32", fast_s=base,
+                             per_step_ms=1e3 * base / steps)))
+    for k in (1, 10, 50):
+        torch.cuda.synchronize()
+        mem0 = torch.cuda.memory_allocated()
+        sampler = Sampler(model1, schedule, coeffs, (1, 3, 32, 32), device=device, cuda_graph=True, graph_steps=k)
+        start = time.perf_counter()
+        sampler.run(rng=PhiloxState(0, device=device))
+        torch.cuda.synchronize()
+        capture = time.perf_counter() - start
+        t = _timed(lambda: sampler.run(rng=PhiloxState(0, device=device)), device, rounds)["median"]
+        rows.append(_report(dict(name=f"cifar10 batch 1, {steps} steps, CUDA graphs of {k} steps", fast_s=t,
+                                 per_step_ms=1e3 * t / steps, speedup_vs_eager=base / t, capture_s=capture,
+                                 graph_memory_mb=(torch.cuda.memory_allocated() - mem0) / 2**20)))
+        del sampler
+    return rows
+
+
+def run(device="cpu", quick=False, rounds=3) -> Dict:
+    """All rows for ``device``; returns the results (also the JSON written by the CLI)."""
+    device = torch.device(device)
+    result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                  machine=platform.processor() or platform.machine(), native=ops.native_status(), rounds=rounds)
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+        result["rows"] = gpu_rows(quick, rounds)
+    else:
+        result["rows"] = cpu_rows(quick, rounds)
+        if not quick:
+            result["step_overhead"] = step_overhead(rounds)
+            result["bf16_vs_fp32"] = bf16_quality()
+    return result
+
+
+def markdown(result: Dict) -> str:
+    """The results as a markdown table."""
+    lines = [f"device {result['device']} {result.get('gpu', result['machine'])}, torch {result['torch']}, "
+             f"{result['threads']} threads, native: {result['native']}, medians of {result['rounds']}", "",
+             "| case | reference | fast (median) | speed-up | notes |", "|---|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        ref = f"{r['ref_s']:.2f} s" if "ref_s" in r else "-"
+        speed = f"{r['speedup']:.2f}x" if "speedup" in r else (f"{r['speedup_vs_eager']:.2f}x vs eager"
+                                                                 if "speedup_vs_eager" in r else "-")
+        notes = ", ".join(f"{k} {v:.3g}" for k, v in r.items()
+                          if k in ("max_diff_vs_ref", "first_run_s", "capture_s", "graph_memory_mb", "per_step_ms"))
+        lines.append(f"| {r['name']} | {ref} | {r['fast_s']:.3f} s | {speed} | {notes} |")
+    if "step_overhead" in result:
+        o = result["step_overhead"]
+        lines += ["", f"Step outside the U-Net (mnist batch 16, eager): {100 * o['overhead']:.1f}% of "
+                      f"{1e3 * o['step_s']:.1f} ms (U-Net forward {1e3 * o['forward_s']:.1f} ms)"]
+    if "bf16_vs_fp32" in result:
+        q = result["bf16_vs_fp32"]
+        lines += [f"bf16 vs fp32 samples, bundled mnist model, same noise, {q['steps']} steps: max |diff| "
+                  f"{q['max_abs_diff']:.3f}, mean |diff| {q['mean_abs_diff']:.4f} (images in [-1, 1])"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    result = run(args.device, args.quick, args.rounds)
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The sampler on a GPU: CUDA-graph replay against eager, fresh noise per replay, no memory growth,
+no host sync in the loop. Skipped cleanly without a GPU; run by benchmarks/gpu_check.sh."""
+
+import pytest
+import torch
+
+from fastddpm import Sampler, Schedule, UNet, reference_sample
+from fastddpm.ops import PhiloxState
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from conftest import randomize_zero_init
+
+    torch.manual_seed(0)
+    return randomize_zero_init(UNet.from_preset("digits")).cuda().eval()
+
+
+def _sampler(model, T=20, **kwargs):
+    schedule = Schedule.linear(T=T, beta_start=1e-3, beta_end=0.2) if T < 1000 else Schedule.linear()
+    coeffs = schedule.table("step", "cuda", sampler="ddpm", variance="fixed_large")
+    return Sampler(model, schedule, coeffs, (4, 1, 8, 8), device="cuda", **kwargs)
+
+
+def test_sampler_equals_the_reference_on_gpu(model):
+    torch.backends.cudnn.allow_tf32 = False
+    schedule = Schedule.linear(T=20, beta_start=1e-3, beta_end=0.2)
+    fast = _sampler(model).run(generator=torch.Generator("cuda").manual_seed(3))
+    ref = reference_sample(model, schedule, (4, 1, 8, 8), clip=True, generator=torch.Generator("cuda").manual_seed(3),
+                           device="cuda")
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("graph_steps", [1, 3, 20])
+def test_cuda_graph_replay_equals_eager(model, graph_steps):
+    x_T = torch.randn(4, 1, 8, 8, device="cuda")
+    eager = _sampler(model).run(rng=PhiloxState(5, device="cuda"), x_T=x_T)
+    state = PhiloxState(5, device="cuda")
+    graphed = _sampler(model, cuda_graph=True, graph_steps=graph_steps).run(rng=state, x_T=x_T)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert state.tensor.tolist() == [5, 19]  # one draw per noisy step (all but the last)
+
+
+def test_replays_draw_fresh_noise(model):
+    sampler = _sampler(model, cuda_graph=True, graph_steps=5)
+    x_T = torch.randn(4, 1, 8, 8, device="cuda")
+    state = PhiloxState(1, device="cuda")
+    a, b = sampler.run(rng=state, x_T=x_T), sampler.run(rng=state, x_T=x_T)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, sampler.run(rng=PhiloxState(1, device="cuda"), x_T=x_T))
+
+
+def test_no_memory_growth_over_1000_steps(model):
+    sampler = _sampler(model, T=1000, cuda_graph=True, graph_steps=10)
+    state = PhiloxState(2, device="cuda")
+    sampler.run(rng=state)  # captures the graphs
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = sampler.run(rng=state)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert torch.cuda.memory_allocated() <= before + out.numel() * 4  # only the returned copy
+    assert torch.cuda.max_memory_allocated() <= before + 2 * out.numel() * 4
+
+
+@pytest.mark.parametrize("noise", ["generator", "philox"])
+def test_eager_loop_does_not_sync(model, noise):
+    sampler = _sampler(model)
+    x_T = torch.randn(4, 1, 8, 8, device="cuda")
+    args = dict(generator=torch.Generator("cuda").manual_seed(0)) if noise == "generator" else \
+        dict(rng=PhiloxState(0, device="cuda"))
+    sampler.run(x_T=x_T, **args)  # first call: kernels load, cuDNN picks algorithms
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampler.run(x_T=x_T, **args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
