@@ -3,7 +3,7 @@
 # with CUDA for that machine's torch, runs the GPU tests (native CUDA kernels, Triton kernels, the
 # sampler), then the GPU benchmarks. Results go to ${OUT:-gpu_results}/. Under 8 minutes on an H200.
 #
-#     bash benchmarks/gpu_check.sh [ops|sampler|all]     (default: all)
+#     bash benchmarks/gpu_check.sh [all | a comma list of op-tests,op-bench,sampler-tests,sampler-bench]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
@@ -21,23 +21,30 @@ step build
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
 export FASTDDPM_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} FASTDDPM_CUDA_ARCHS=${FASTDDPM_CUDA_ARCHS:-90}
 start=$(date +%s)
-timeout 180 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee "$OUT/build.txt"
+timeout 150 "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "build rc=$? in $(( $(date +%s) - start )) s" | tee "$OUT/build.txt"
 tail -n 15 "$OUT/build.log" >>"$OUT/build.txt"
 "$PY" -c "from fastddpm import ops; print('native:', ops.native_status()); print('triton:', ops.triton_status())" 2>&1 | tee -a "$OUT/build.txt"
 
-if [[ $WHAT == ops || $WHAT == all ]]; then
+has() { [[ $WHAT == all || " ${WHAT//,/ } " == *" $1 "* ]]; }
+if has op-tests; then
   step "op tests"
   # every hypothesis shape would be autotuned afresh: the tests take each space's first config
   FASTDDPM_TRITON_AUTOTUNE=0 timeout 150 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-seed=0 \
-    tests/test_cuda_ops.py tests/test_triton_ops.py -p no:logging -rf --tb=short 2>&1 | tee "$OUT/tests_ops.txt" | tail -n 60
+    tests/test_cuda_ops.py tests/test_triton_ops.py ${OP_TESTS_K:+-k "$OP_TESTS_K"} -p no:logging -rf --tb=short \
+    2>&1 | tee "$OUT/tests_ops.txt" | tail -n 60
+fi
+if has op-bench; then
   step "op benchmarks"
   timeout 200 "$PY" -m benchmarks --device cuda --rounds 3 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
 fi
-if [[ $WHAT == sampler || $WHAT == all ]]; then
+if has sampler-tests; then
   step "sampler tests"
-  timeout 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_sampler_gpu.py -p no:logging -rf --tb=short 2>&1 | tee "$OUT/tests_sampler.txt" | tail -n 40
+  timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_sampler_gpu.py -p no:logging -rf --tb=short 2>&1 \
+    | tee "$OUT/tests_sampler.txt" | tail -n 40
+fi
+if has sampler-bench; then
   step "sampler benchmarks"
-  timeout 240 "$PY" -m benchmarks.sampler_report --device cuda --json "$OUT/bench_sampler_gpu.json" 2>&1 \
-    | tee "$OUT/bench_sampler_gpu.md"
+  timeout ${SAMPLER_BENCH_LIMIT:-240} "$PY" -m benchmarks.sampler_report --device cuda --json "$OUT/bench_sampler_gpu.json" \
+    2>&1 | grep -v "^DEBUG" | tee "$OUT/bench_sampler_gpu.md"
 fi
 step done

@@ -62,6 +62,8 @@ class Sampler:
                  clip: Optional[float] = 1.0, device="cpu", dtype=torch.float32, channels_last: bool = False,
                  compile=False, cuda_graph: bool = False, graph_steps: int = 1):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # "cuda" means the current one
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 4 or min(self.shape) < 1:
             raise ValueError(f"shape: expected (B, C, H, W) of positive sizes, got {tuple(shape)}")

@@ -40,7 +40,7 @@ def _ddpm_step_kernel(x_ptr, m_ptr, t_ptr, t_stride, coeffs_ptr, noise_ptr, stat
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x0 = p * x - q * m
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+        x0 = tl.minimum(tl.maximum(x0, -clip), clip).to(tl.float32)  # clip may arrive as fp64 (Inductor)
     tl.store(out_ptr + offs, m1 * x0 + m2 * x + m3 * m + s * z, mask=mask)
 
 

@@ -73,7 +73,7 @@ def _gn_onepass_kernel(x_ptr, w_ptr, b_ptr, temb_ptr, y_ptr, mean_ptr, rstd_ptr,
     h = _load_group(x_ptr, temb_ptr, off, c, n, C, mask, HAS_T, ACC)
     mean = tl.sum(h, axis=0) / size
     d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(d * d, axis=0) / size + eps)
+    rstd = 1.0 / tl.sqrt_rn((tl.sum(d * d, axis=0) / size + eps).to(ACC))  # eps may arrive as fp64
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     _normalize_store(y_ptr, w_ptr, b_ptr, h, mean, rstd, off, c, mask, HAS_W, HAS_B, SILU)
@@ -134,7 +134,7 @@ def _gn_split_apply_kernel(x_ptr, w_ptr, b_ptr, temb_ptr, part_ptr, y_ptr, mean_
     counts = tl.load(parts + 2, mask=pmask, other=0.0)
     mean = tl.sum(counts * means, axis=0) / size
     d = tl.where(pmask, means - mean, 0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.sum(m2s + counts * d * d, axis=0) / size + eps)
+    rstd = 1.0 / tl.sqrt_rn((tl.sum(m2s + counts * d * d, axis=0) / size + eps).to(ACC))
     if part == 0:
         tl.store(mean_ptr + row, mean)
         tl.store(rstd_ptr + row, rstd)
