@@ -22,6 +22,7 @@ import torch
 from . import ops
 from .ops import PhiloxState
 from .schedule import Schedule
+from .utils import resolve_device, same_device
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -61,9 +62,7 @@ class Sampler:
     def __init__(self, model: Callable, schedule: Schedule, coeffs: torch.Tensor, shape: Sequence[int], *,
                  clip: Optional[float] = 1.0, device="cpu", dtype=torch.float32, channels_last: bool = False,
                  compile=False, cuda_graph: bool = False, graph_steps: int = 1):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())  # "cuda" means the current one
+        self.device = resolve_device(device)
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 4 or min(self.shape) < 1:
             raise ValueError(f"shape: expected (B, C, H, W) of positive sizes, got {tuple(shape)}")
@@ -149,7 +148,7 @@ class Sampler:
         """
         if generator is not None and rng is not None:
             raise ValueError("generator / rng: give one noise source, not both")
-        if generator is not None and generator.device != self.device:
+        if generator is not None and not same_device(generator.device, self.device):
             raise ValueError(f"generator: expected a generator on {self.device}, got one on {generator.device}")
         if generator is None and rng is None:
             rng = PhiloxState(device=self.device)

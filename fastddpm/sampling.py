@@ -15,7 +15,7 @@ from .ops import PhiloxState
 from .pipeline import DDPM, resolve_model
 from .sampler import Sampler
 from .schedule import DDIM_DIRECTIONS, VARIANCES, Schedule
-from .utils import resolve_device
+from .utils import resolve_device, same_device
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -109,7 +109,7 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
         rng = PhiloxState(seed, device=device)
     elif generator is None:
         generator = torch.Generator(device).manual_seed(seed)
-    elif generator.device != device:
+    elif not same_device(generator.device, device):
         raise ValueError(f"generator: expected a generator on {device}, got one on {generator.device}")
 
     schedule = ddpm.schedule.respaced(steps)

@@ -53,6 +53,8 @@ def test_replays_draw_fresh_noise(model):
 
 
 def test_no_memory_growth_over_1000_steps(model):
+    """Replays allocate nothing per step: a 1000-step run ends where it began (plus the returned
+    copy), and its peak is within a small constant of that (x_T is drawn with a few temporaries)."""
     sampler = _sampler(model, T=1000, cuda_graph=True, graph_steps=10)
     state = PhiloxState(2, device="cuda")
     sampler.run(rng=state)  # captures the graphs
@@ -62,8 +64,8 @@ def test_no_memory_growth_over_1000_steps(model):
     out = sampler.run(rng=state)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
-    assert torch.cuda.memory_allocated() <= before + out.numel() * 4  # only the returned copy
-    assert torch.cuda.max_memory_allocated() <= before + 2 * out.numel() * 4
+    assert torch.cuda.memory_allocated() <= before + 4096  # the returned copy, in allocator blocks
+    assert torch.cuda.max_memory_allocated() <= before + (1 << 20)  # 1000 steps' activations would be far more
 
 
 @pytest.mark.parametrize("noise", ["generator", "philox"])
@@ -79,3 +81,14 @@ def test_eager_loop_does_not_sync(model, noise):
         sampler.run(x_T=x_T, **args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_sample_on_cuda_by_name(model):
+    """``device="cuda"`` with a model on cuda:0 and a ``Generator("cuda")``: the same device."""
+    from fastddpm import DDPM, sample
+
+    schedule = Schedule.linear(T=20, beta_start=1e-3, beta_end=0.2)
+    a = sample(DDPM(model, schedule), 2, device="cuda", seed=0, progress=False)
+    b = sample(DDPM(model, schedule), 2, device="cuda", generator=torch.Generator("cuda").manual_seed(0),
+               progress=False)
+    assert torch.equal(a, b)
