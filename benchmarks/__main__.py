@@ -1,5 +1,5 @@
-"""``python -m benchmarks [--quick] [--json FILE]``: the op and U-Net benchmark report."""
+"""``python -m benchmarks``: the same as ``fastddpm bench`` (see fastddpm/bench/report.py)."""
 
-from .ops_report import main
+from fastddpm.bench.report import main
 
 main()

@@ -35,7 +35,7 @@ if has op-tests; then
 fi
 if has op-bench; then
   step "op benchmarks"
-  timeout 200 "$PY" -m benchmarks --device cuda --rounds 3 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.md"
+  timeout 200 "$PY" -m benchmarks --device cuda --only ops --rounds 3 --out "$OUT/ops" 2>&1 | tee "$OUT/bench_ops.txt"
 fi
 if has sampler-tests; then
   step "sampler tests"
@@ -44,7 +44,7 @@ if has sampler-tests; then
 fi
 if has sampler-bench; then
   step "sampler benchmarks"
-  timeout ${SAMPLER_BENCH_LIMIT:-240} "$PY" -m benchmarks.sampler_report --device cuda --json "$OUT/bench_sampler_gpu.json" \
-    2>&1 | grep -v "^DEBUG" | tee "$OUT/bench_sampler_gpu.md"
+  timeout ${SAMPLER_BENCH_LIMIT:-240} "$PY" -m benchmarks --device cuda --only sampler --out "$OUT/sampler" \
+    2>&1 | grep -v "^DEBUG" | tee "$OUT/bench_sampler.txt"
 fi
 step done

@@ -47,11 +47,20 @@ def cmd_sample(args) -> int:
     start = time.monotonic()
     x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
                clip=not args.no_clip, eta=args.eta, seed=args.seed, device=args.device,
-               batch_size=args.batch_size, progress=not args.quiet)
+               batch_size=args.batch_size, progress=not args.quiet, noise=args.noise, dtype=args.dtype,
+               compile=args.compile, cuda_graph=args.cuda_graph, graph_steps=args.graph_steps,
+               channels_last=args.channels_last)
     save_grid(x, args.out, scale=args.scale)
     if args.npy:
         np.save(args.npy, x.cpu().numpy())
     print(f"wrote {args.n} samples to {args.out} in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+def _bench(argv: List[str]) -> int:
+    from .bench.report import main as bench_main
+
+    bench_main(argv)
     return 0
 
 
@@ -69,7 +78,7 @@ def info() -> dict:
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
                               for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
         "cpu_threads": torch.get_num_threads(), "op_backends": list(ops.available_backends()),
-        "native_extension": ops.native_status(),
+        "native_extension": ops.native_status(), "triton": ops.triton_status(),
         "bundled_models": list(bundled_models()),
     }
 
@@ -127,12 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--scale", type=int, default=2, help="pixel upscaling of the PNG")
+    s.add_argument("--noise", choices=["generator", "philox"], default="generator",
+                   help="torch.randn draws (the reference sampler's) or in-kernel Philox")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="U-Net compute dtype (autocast)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    s.add_argument("--cuda-graph", action="store_true", help="replay captured CUDA graphs (needs --noise philox)")
+    s.add_argument("--graph-steps", type=int, default=1, help="steps per captured CUDA graph")
+    s.add_argument("--channels-last", action="store_true")
     s.set_defaults(func=cmd_sample)
 
     for sp in (t, s):
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bench", help="the benchmark suite (fastddpm bench --help)", add_help=False)
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda args: _bench(args.bench_args))
 
     i = sub.add_parser("info", help="versions, devices and available backends")
     i.add_argument("--json", action="store_true")
@@ -142,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``fastddpm`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser, options and all (argparse would take --help here)
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

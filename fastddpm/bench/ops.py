@@ -1,6 +1,5 @@
-"""Op benchmarks: the three fused ops, native (and Triton where present) against the reference.
-
-    python -m benchmarks.ops_report [--quick] [--device cpu|cuda] [--json out.json]
+"""The "ops" section: the three fused ops and the U-Net forward, each compiled backend against the
+reference (native; Triton too on a GPU).
 
 Prints a markdown table: median time, speed-up over the reference measured in the same run, and
 for memory-bound ops the achieved GB/s and its fraction of a plain copy of the same bytes.
@@ -9,8 +8,6 @@ Every fast result is checked against the reference before it is timed.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 from typing import Dict, List
 
@@ -149,22 +146,3 @@ def markdown(result: Dict) -> str:
             frac = f"{100 * r['graphed_frac_of_copy']:.0f}%" if "graphed_frac_of_copy" in r else "-"
             lines.append(f"| {r['name']} | {1e6 * r['graphed_s']:.1f} us | {sp} | {frac} |")
     return "\n".join(lines)
-
-
-def main(argv=None):
-    """CLI entry point."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    result = run(args.device, args.quick, args.rounds)
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,4 @@
-"""Sampler benchmarks: the fast sampler against the reference sampler, same model, same noise.
-
-    python -m benchmarks.sampler_report [--device cpu|cuda] [--quick] [--json out.json]
+"""The "sampler" section: the fast sampler against the reference sampler, same model, same noise.
 
 CPU rows: the ``mnist`` preset (batch 16, 100 steps) and the ``cifar10`` preset (batch 16; 10 steps
 timed, per-step times reported), fp32 and bf16, eager and compiled; the share of a step spent
@@ -12,7 +10,6 @@ reference before it is timed; every time is the median of the rounds run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -140,8 +137,8 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
                           ("compiled + CUDA graph bf16", {"dtype": "bfloat16", "cuda_graph": True, "compile": True})]:
         torch._dynamo.reset()
         sampler = Sampler(model, full, coeffs, big, device=device, **options)
-        first = _timed(lambda: sampler.run(rng=PhiloxState(0, device=device)), device, 1)["median"]
-        t = _timed(lambda: sampler.run(rng=PhiloxState(0, device=device)), device, 1)
+        first = _timed(lambda s=sampler: s.run(rng=PhiloxState(0, device=device)), device, 1)["median"]
+        t = _timed(lambda s=sampler: s.run(rng=PhiloxState(0, device=device)), device, 1)
         rows.append(_report(dict(name=f"cifar10 batch {big[0]}, 1000 steps, {name}", fast_s=t["median"],
                                  first_run_s=first, fast_min_s=t["min"], fast_max_s=t["max"])))
         del sampler
@@ -162,7 +159,7 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
         sampler.run(rng=PhiloxState(0, device=device))
         torch.cuda.synchronize()
         capture = time.perf_counter() - start
-        t = _timed(lambda: sampler.run(rng=PhiloxState(0, device=device)), device, rounds)["median"]
+        t = _timed(lambda s=sampler: s.run(rng=PhiloxState(0, device=device)), device, rounds)["median"]
         rows.append(_report(dict(name=f"cifar10 batch 1, {steps} steps, CUDA graphs of {k} steps", fast_s=t,
                                  per_step_ms=1e3 * t / steps, speedup_vs_eager=base / t, capture_s=capture,
                                  graph_memory_mb=(torch.cuda.memory_allocated() - mem0) / 2**20)))
@@ -207,22 +204,3 @@ def markdown(result: Dict) -> str:
         lines += [f"bf16 vs fp32 samples, bundled mnist model, same noise, {q['steps']} steps: max |diff| "
                   f"{q['max_abs_diff']:.3f}, mean |diff| {q['mean_abs_diff']:.4f} (images in [-1, 1])"]
     return "\n".join(lines)
-
-
-def main(argv=None):
-    """CLI entry point."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    result = run(args.device, args.quick, args.rounds)
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()

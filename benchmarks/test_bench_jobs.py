@@ -1,0 +1,73 @@
+"""pytest-benchmark: end-to-end jobs, fast path and reference side by side on identical inputs —
+one training step, the full sampler, and diffusers' DDPMPipeline on the same weights and noise.
+
+    pytest --import-mode=importlib benchmarks [--quick] [--benchmark-disable]
+
+Each fast result is checked against its reference before it is timed.
+"""
+
+import pytest
+import torch
+
+from fastddpm import Schedule, UNet, ops, training_loss
+from fastddpm.bench.sampler import _fast, _model, _reference
+
+STEPS = {True: 10, False: 100}
+
+
+@pytest.fixture(scope="module")
+def sampler_jobs(quick):
+    """(reference fn, {variant: fast fn}) for the mnist preset, batch 16."""
+    model = _model("mnist", "cpu")
+    schedule = Schedule.linear().respaced(STEPS[quick])
+    shape = (16, 1, 32, 32)
+    variants = {"eager": {}, "compiled": {"compile": True}}
+    return _reference(model, schedule, shape, torch.device("cpu"), 0), {
+        name: _fast(model, schedule, shape, torch.device("cpu"), 0, **options) for name, options in variants.items()}
+
+
+@pytest.mark.parametrize("path", ["reference", "eager", "compiled"])
+def test_sampler_mnist(benchmark, sampler_jobs, path, quick):
+    ref, fast = sampler_jobs
+    fn = ref if path == "reference" else fast[path]
+    if path != "reference":
+        torch.testing.assert_close(fn(), ref(), rtol=1e-3, atol=1e-3)
+    benchmark.group = f"sampler mnist batch 16, {STEPS[quick]} steps"
+    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("path", ["reference", "compiled"])
+def test_train_step(benchmark, path, quick):
+    preset = "digits" if quick else "mnist"
+    torch.manual_seed(0)
+    model = UNet.from_preset(preset).train()
+    torch._dynamo.reset()
+    net = torch.compile(model, dynamic=False) if path == "compiled" else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    r = model.config.resolution
+    x0 = torch.randn(16, 1, r, r, generator=torch.Generator().manual_seed(1))
+    schedule = Schedule.linear()
+
+    def step():
+        with ops.use_backend("reference"):
+            loss = training_loss(net, schedule, x0, generator=torch.Generator().manual_seed(2))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    torch.manual_seed(0)
+    expected = training_loss(UNet.from_preset(preset), schedule, x0, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(step().detach(), expected.detach(), rtol=1e-4, atol=1e-5)  # same first loss
+    benchmark.group = f"train step {preset} batch 16"
+    benchmark(step)
+
+
+def test_diffusers_pipeline_comparison(benchmark, quick):
+    """DDPMPipeline vs fastddpm on the same weights and generator (the section checks agreement)."""
+    pytest.importorskip("diffusers")
+    from fastddpm.bench import diffusers_cmp
+
+    benchmark.group = "diffusers"
+    result = benchmark.pedantic(lambda: diffusers_cmp.run(quick=quick), rounds=1, iterations=1)
+    assert result["rows"] and all(r["max_diff"] < 1e-3 for r in result["rows"])
