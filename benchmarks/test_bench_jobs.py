@@ -12,28 +12,29 @@ import torch
 from fastddpm import Schedule, UNet, ops, training_loss
 from fastddpm.bench.sampler import _fast, _model, _reference
 
-STEPS = {True: 10, False: 100}
-
 
 @pytest.fixture(scope="module")
-def sampler_jobs(quick):
-    """(reference fn, {variant: fast fn}) for the mnist preset, batch 16."""
-    model = _model("mnist", "cpu")
-    schedule = Schedule.linear().respaced(STEPS[quick])
-    shape = (16, 1, 32, 32)
+def sampler_jobs(sampler_job):
+    """(reference fn, {variant: fast fn}) for one (preset, steps) job at batch 16."""
+    preset, steps = sampler_job
+    model = _model(preset, "cpu")
+    schedule = Schedule.linear().respaced(steps)
+    c, r = model.config.in_channels, model.config.resolution
+    shape = (16, c, r, r)
     variants = {"eager": {}, "compiled": {"compile": True}}
     return _reference(model, schedule, shape, torch.device("cpu"), 0), {
         name: _fast(model, schedule, shape, torch.device("cpu"), 0, **options) for name, options in variants.items()}
 
 
 @pytest.mark.parametrize("path", ["reference", "eager", "compiled"])
-def test_sampler_mnist(benchmark, sampler_jobs, path, quick):
+def test_sampler(benchmark, sampler_jobs, sampler_job, path):
     ref, fast = sampler_jobs
     fn = ref if path == "reference" else fast[path]
-    if path != "reference":
-        torch.testing.assert_close(fn(), ref(), rtol=1e-3, atol=1e-3)
-    benchmark.group = f"sampler mnist batch 16, {STEPS[quick]} steps"
-    benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=0)
+    if path != "reference":  # 1000 clipped steps amplify Inductor's reordered float sums
+        tol = 1e-2 if sampler_job[1] >= 1000 else 1e-3
+        torch.testing.assert_close(fn(), ref(), rtol=tol, atol=tol)
+    benchmark.group = f"sampler {sampler_job[0]} batch 16, {sampler_job[1]} steps"
+    benchmark.pedantic(fn, rounds=1 if sampler_job[1] >= 1000 else 3, iterations=1, warmup_rounds=0)
 
 
 @pytest.mark.parametrize("path", ["reference", "compiled"])
