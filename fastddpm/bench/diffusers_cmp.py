@@ -80,7 +80,7 @@ def run(device="cpu", quick=False, rounds=1) -> Dict:
 def markdown(result: Dict) -> str:
     """The rows as a markdown table."""
     lines = [f"diffusers {result['diffusers']}; images compared in [0, 1]", "",
-             "| case | DDPMPipeline | fastddpm | speed-up | max |diff| |", "|---|---:|---:|---:|---:|"]
+             "| case | DDPMPipeline | fastddpm | speed-up | max abs diff |", "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['name']} | {r['ref_s']:.2f} s | {r['fast_s']:.2f} s | {r['speedup']:.2f}x | "
                      f"{r['max_diff']:.1e} |")

@@ -216,6 +216,6 @@ def markdown(result: Dict) -> str:
                       f"(U-Net forward {1e3 * o['forward_s']:.1f} ms)"]
     if "bf16_vs_fp32" in result:
         q = result["bf16_vs_fp32"]
-        lines += [f"bf16 vs fp32 samples, bundled mnist model, same noise, {q['steps']} steps: max |diff| "
+        lines += ["", f"bf16 vs fp32 samples, bundled mnist model, same noise, {q['steps']} steps: max |diff| "
                   f"{q['max_abs_diff']:.3f}, mean |diff| {q['mean_abs_diff']:.4f} (images in [-1, 1])"]
     return "\n".join(lines)
