@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from fastddpm import UNet, save
@@ -39,3 +40,19 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["sample", "--model", str(tmp_path / "missing"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["sample", "--model", str(tmp_path), "--n", "0", "--quiet"]) == 2
+
+
+def test_bench_quick_writes_json_markdown_and_plot(tmp_path):
+    """``fastddpm bench`` end to end on its smallest section: files written, rows checked and timed."""
+    assert main(["bench", "--quick", "--only", "ops", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = result["sections"]["ops"]["rows"]
+    assert rows and all(r["fast_s"] > 0 and r["speedup"] > 0 for r in rows)
+    assert any("frac_of_copy" in r for r in rows)
+    assert "| case |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_rejects_unknown_sections(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--only", "opz", "--out", str(tmp_path)])
+    assert "unknown sections ['opz']" in capsys.readouterr().err

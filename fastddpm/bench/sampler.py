@@ -201,14 +201,15 @@ def markdown(result: Dict) -> str:
     """The results as a markdown table."""
     lines = [f"device {result['device']} {result.get('gpu', result['machine'])}, torch {result['torch']}, "
              f"{result['threads']} threads, native: {result['native']}, medians of {result['rounds']}", "",
-             "| case | reference | fast (median) | speed-up | notes |", "|---|---:|---:|---:|---|"]
+             "| case | reference | fast (median) | fast min..max | speed-up | notes |", "|---|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         ref = f"{r['ref_s']:.2f} s" if "ref_s" in r else "-"
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else (f"{r['speedup_vs_eager']:.2f}x vs eager"
                                                                  if "speedup_vs_eager" in r else "-")
         notes = ", ".join(f"{k} {v:.3g}" for k, v in r.items()
                           if k in ("max_diff_vs_ref", "first_run_s", "capture_s", "graph_memory_mb", "per_step_ms"))
-        lines.append(f"| {r['name']} | {ref} | {r['fast_s']:.3f} s | {speed} | {notes} |")
+        spread = f"{r['fast_min_s']:.3f}..{r['fast_max_s']:.3f} s" if "fast_min_s" in r else "-"
+        lines.append(f"| {r['name']} | {ref} | {r['fast_s']:.3f} s | {spread} | {speed} | {notes} |")
     if "step_overhead" in result:
         o = result["step_overhead"]
         lines += ["", f"Step outside the U-Net (mnist batch 16, eager loop with a stand-in model): "
