@@ -129,9 +129,7 @@ class Sampler:
 
     def predicted_x0(self, i: int, model_out: torch.Tensor) -> torch.Tensor:
         """The x0 the model predicts at step ``i`` from the current x (clipped like the step)."""
-        p, q = self.coeffs[i, 0], self.coeffs[i, 1]
-        x0 = p * self.x - q * model_out
-        return x0.clamp(-self.clip, self.clip) if self.clip is not None else x0
+        return ops.reference.predicted_x0(self.x, model_out, self.step_rows[i], self.coeffs, self.clip)
 
     # ------------------------------------------------------------------------------- the loop
     @torch.no_grad()

@@ -14,7 +14,7 @@ import torch
 from .ops import PhiloxState
 from .pipeline import DDPM, resolve_model
 from .sampler import Sampler
-from .schedule import DDIM_DIRECTIONS, VARIANCES, Schedule
+from .schedule import DDIM_DIRECTIONS, VARIANCES
 from .utils import resolve_device, same_device
 
 SAMPLERS = ("ddpm", "ddim")

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from .philox import PhiloxState
-from .reference import _per_sample
+from .reference import _per_sample, predicted_x0
 
 
 def dense_empty_like(x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,8 @@ def _step_backward(ctx, grad):
     x, m, t, coeffs = ctx.saved_tensors
     p, q, m1, m2, m3, s = _per_sample(coeffs, t, x.dim())
     inside = 1.0
-    if ctx.clip is not None:
-        inside = ((p * x.float() - q * m.float()).abs() < ctx.clip).float()
+    if ctx.clip is not None:  # where x0 was clipped, it no longer depends on x and m
+        inside = (predicted_x0(x.float(), m.float(), t, coeffs).abs() < ctx.clip).float()
     gx = grad * (m1 * p * inside + m2)
     gm = grad * (m3 - m1 * q * inside)
     gz = (grad * s).to(grad.dtype) if ctx.has_noise else None

@@ -45,17 +45,24 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
     return xt.to(x0.dtype), noise
 
 
+def predicted_x0(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs: torch.Tensor,
+                 clip: Optional[float] = None) -> torch.Tensor:
+    """The x0 a step predicts: ``p x - q m``, clipped to ``[-clip, clip]`` when given (the first
+    line of :func:`ddpm_step`; the step kernels compute the same)."""
+    p, q = _per_sample(coeffs[:, :2], t, x.dim())
+    x0 = p * x - q * model_out
+    return x0.clamp(-clip, clip) if clip is not None else x0
+
+
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs: torch.Tensor,
               noise: Optional[torch.Tensor] = None, clip: Optional[float] = None,
               generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None,
               rng: Optional[PhiloxState] = None) -> torch.Tensor:
     """One reverse step: ``x0 = p x - q m`` (clipped to ``[-clip, clip]`` when given), then
     ``m1 x0 + m2 x + m3 m + s z``. ``z`` is ``noise``, else drawn (see :func:`_draw`)."""
-    p, q, m1, m2, m3, s = _per_sample(coeffs, t, x.dim())
+    _, _, m1, m2, m3, s = _per_sample(coeffs, t, x.dim())
     xf, mf = _opmath(x), _opmath(model_out)
-    x0 = p * xf - q * mf
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
+    x0 = predicted_x0(xf, mf, t, coeffs, clip)
     if noise is None:
         noise = _draw(x, generator, rng)
     result = (m1 * x0 + m2 * xf + m3 * mf + s * _opmath(noise)).to(x.dtype)
