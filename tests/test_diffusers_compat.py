@@ -54,3 +54,18 @@ def test_unsupported_configs_are_named():
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
     with pytest.raises(ValueError, match=r"flip_sin_to_cos=True .*freq_shift=0.*attention_head_dim=8"):
         unet_from_diffusers(unet)
+
+
+def test_sampler_embeds_a_diffusers_unet_directly():
+    """No conversion: any eps_model(x, t) works, here diffusers' UNet2DModel behind a lambda."""
+    from fastddpm import Sampler
+
+    unet = small_unet2d(2)
+    schedule = Schedule.linear().respaced(8)
+    coeffs = schedule.table("step", "cpu", sampler="ddpm", variance="fixed_large")
+    shape = (2, 3, 32, 32)
+    direct = Sampler(lambda x, t: unet(x, t).sample, schedule, coeffs, shape).run(
+        generator=torch.Generator().manual_seed(4))
+    converted = Sampler(unet_from_diffusers(unet).eval(), schedule, coeffs, shape).run(
+        generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(direct, converted, rtol=1e-4, atol=1e-4)
