@@ -52,7 +52,8 @@ class Sampler:
         clip: bound for the predicted x0 (None: no clipping).
         dtype: the model's compute dtype (float32, or bfloat16/float16 through autocast); the
             state x stays float32.
-        channels_last: run the model on channels_last tensors.
+        channels_last: run the model on channels_last tensors (an ``nn.Module`` is converted in
+            place, as ``model.to(memory_format=...)`` does).
         compile: ``torch.compile`` the model (True or a mode name).
         cuda_graph: capture steps as CUDA graphs and replay them (CUDA only).
         graph_steps: steps per captured graph (K); ``S`` steps replay ``S // K`` graphs and capture

@@ -157,8 +157,8 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
     model1 = _model("cifar10", device)
     steps = 200
     schedule = full.respaced(steps)
-    coeffs = schedule.table("step", device, sampler="ddpm", variance="fixed_large")
-    eager = Sampler(model1, schedule, coeffs, (1, 3, 32, 32), device=device)
+    coeffs1 = schedule.table("step", device, sampler="ddpm", variance="fixed_large")
+    eager = Sampler(model1, schedule, coeffs1, (1, 3, 32, 32), device=device)
     eager.run(rng=PhiloxState(0, device=device))
     base = _timed(lambda: eager.run(rng=PhiloxState(0, device=device)), device, rounds)["median"]
     rows.append(_report(dict(name=f"cifar10 batch 1, {steps} steps, eager fp32", fast_s=base,
@@ -166,7 +166,7 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
     for k in (1, 10, 50):
         torch.cuda.synchronize()
         mem0 = torch.cuda.memory_allocated()
-        sampler = Sampler(model1, schedule, coeffs, (1, 3, 32, 32), device=device, cuda_graph=True, graph_steps=k)
+        sampler = Sampler(model1, schedule, coeffs1, (1, 3, 32, 32), device=device, cuda_graph=True, graph_steps=k)
         start = time.perf_counter()
         sampler.run(rng=PhiloxState(0, device=device))
         torch.cuda.synchronize()
