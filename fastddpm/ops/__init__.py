@@ -59,7 +59,7 @@ def triton_status() -> str:
     return f"triton {triton.__version__} ({where})"
 
 
-# FASTDDPM_OPS=reference|native forces what "auto" means for the whole process.
+# FASTDDPM_OPS=reference|native|triton forces what "auto" means for the whole process.
 _forced_backend: Optional[str] = os.environ.get("FASTDDPM_OPS") or None
 if _forced_backend not in (None, "auto", *BACKENDS):
     raise ValueError(f"FASTDDPM_OPS: expected 'auto' or one of {tuple(BACKENDS)}, got {_forced_backend!r}")

@@ -12,18 +12,16 @@ from .philox import PhiloxState
 from .reference import _per_sample, predicted_x0
 
 
+def dense_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels produce for ``x``: channels_last when x is, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def dense_empty_like(x: torch.Tensor) -> torch.Tensor:
-    """The layout the kernels produce: channels_last when x is, else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.empty_like(x, memory_format=torch.channels_last)
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _laid_out_like_output(out: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether ``out`` has the layout of :func:`dense_empty_like` (x) (checked without allocating)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return out.is_contiguous(memory_format=torch.channels_last)
-    return out.is_contiguous()
+    """A new tensor like ``x`` in :func:`dense_memory_format` (x)."""
+    return torch.empty_like(x, memory_format=dense_memory_format(x))
 
 
 def stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -177,7 +175,7 @@ class CompiledOps:
         """``ddpm_step`` of this backend; see :func:`fastddpm.ops.ddpm_step`."""
         noise, state = _noise_args(x, noise, generator, rng)
         rng_state = state.tensor if state else None
-        if out is not None and out.dtype == x.dtype and _laid_out_like_output(out, x):
+        if out is not None and out.dtype == x.dtype and out.is_contiguous(memory_format=dense_memory_format(x)):
             self._ops.ddpm_step_out(x, model_out, t, coeffs, noise, rng_state, clip, out)
             result = out
         else:

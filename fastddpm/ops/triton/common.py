@@ -10,6 +10,8 @@ import os
 import triton
 import triton.language as tl
 
+from ..compiled import dense_memory_format
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTDDPM_TRITON_AUTOTUNE=0: take each space's first config (a good default) without tuning; tests
 # on many shapes use it, since every new shape would be tuned afresh.
@@ -102,12 +104,4 @@ def normal_tile(state_ptr, start, BLOCK: tl.constexpr):
 
 def dense_like(v, like):
     """``v`` laid out like ``like`` (which is dense): itself when it already is, else a copy."""
-    return v if v.stride() == like.stride() else v.contiguous(memory_format=_memory_format(like))
-
-
-def _memory_format(x):
-    import torch
-
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return v if v.stride() == like.stride() else v.contiguous(memory_format=dense_memory_format(like))
