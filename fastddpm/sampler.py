@@ -122,15 +122,15 @@ class Sampler:
             m = self.model(self.x, t_model)
         return m if m.dtype == self.x.dtype else m.to(self.x.dtype)
 
-    def _step(self, i: int, noise: Optional[torch.Tensor], rng: Optional[PhiloxState]) -> None:
-        """x <- step i of the reverse process, in place (``noise=None`` with ``rng``: in-kernel noise)."""
-        m = self._model_out(self.model_rows[i])
-        ops.ddpm_step(self.x, m, self.step_rows[i], self.coeffs, noise, self.clip, out=self.x, rng=rng,
-                      trusted_t=True)
-
-    def predicted_x0(self, i: int, model_out: torch.Tensor) -> torch.Tensor:
-        """The x0 the model predicts at step ``i`` from the current x (clipped like the step)."""
-        return ops.reference.predicted_x0(self.x, model_out, self.step_rows[i], self.coeffs, self.clip)
+    def _step(self, t_model: torch.Tensor, t_step: torch.Tensor, noise: Optional[torch.Tensor],
+              rng: Optional[PhiloxState], with_x0: bool = False) -> Optional[torch.Tensor]:
+        """x <- one step of the reverse process, in place: model timesteps ``t_model``, schedule
+        indices ``t_step`` (``noise=None`` with ``rng``: in-kernel noise). With ``with_x0``, returns
+        the x0 the model predicted from the x before the step (clipped like the step)."""
+        m = self._model_out(t_model)
+        x0 = ops.reference.predicted_x0(self.x, m, t_step, self.coeffs, self.clip) if with_x0 else None
+        ops.ddpm_step(self.x, m, t_step, self.coeffs, noise, self.clip, out=self.x, rng=rng, trusted_t=True)
+        return x0
 
     # ------------------------------------------------------------------------------- the loop
     @torch.no_grad()
@@ -186,38 +186,30 @@ class Sampler:
             for i in tqdm(range(self.steps - 1, -1, -1), total=self.steps, disable=not progress,
                           desc="sample", unit="step", leave=False):
                 noise, state = self._noise_for(i, generator, rng)
-                if callback is None:
-                    self._step(i, noise, state)
-                    continue
-                m = self._model_out(self.model_rows[i])
-                x0 = self.predicted_x0(i, m)
-                ops.ddpm_step(self.x, m, self.step_rows[i], self.coeffs, noise, self.clip, out=self.x, rng=state,
-                              trusted_t=True)
-                callback(i, int(self.schedule.timesteps[i]), self.x, x0)
+                x0 = self._step(self.model_rows[i], self.step_rows[i], noise, state, with_x0=callback is not None)
+                if callback is not None:
+                    callback(i, int(self.schedule.timesteps[i]), self.x, x0)
 
     # -------------------------------------------------------------------------- CUDA graphs
-    def _blocks(self) -> List[Tuple[int, int, bool]]:
-        """(first index, length, noisy) of the runs of steps replayed as one graph each."""
+    def _blocks(self) -> List[Tuple[int, bool]]:
+        """(length, noisy) of the runs of steps, from the last index down, replayed as one graph each."""
         blocks, i = [], self.steps - 1
         while i >= 0:
             k = 1
             while k < self.graph_steps and i - k >= 0 and self.noisy[i - k] == self.noisy[i]:
                 k += 1
-            blocks.append((i, k, self.noisy[i]))
+            blocks.append((k, self.noisy[i]))
             i -= k
         return blocks
 
-    def _capture(self, length: int, noisy: bool, rng: PhiloxState) -> torch.cuda.CUDAGraph:
+    def _capture(self, length: int, noisy: bool) -> torch.cuda.CUDAGraph:
         """A graph of ``length`` steps that reads the step index from ``self._index`` (a device
         scalar it decrements), so one graph serves every block of that length."""
         def steps():
             for _ in range(length):
                 i = self._index
-                t_model = self.model_rows.index_select(0, i).view(-1)
-                m = self._model_out(t_model)
-                ops.ddpm_step(self.x, m, self.step_rows.index_select(0, i).view(-1), self.coeffs,
-                              None if noisy else self.zeros, self.clip, out=self.x,
-                              rng=self._graph_rng if noisy else None, trusted_t=True)
+                self._step(self.model_rows.index_select(0, i).view(-1), self.step_rows.index_select(0, i).view(-1),
+                           None if noisy else self.zeros, self._graph_rng if noisy else None)
                 i.sub_(1)
 
         saved_x, saved_state, saved_index = self.x.clone(), self._graph_rng.tensor.clone(), self._index.clone()
@@ -245,11 +237,11 @@ class Sampler:
         self._graph_rng.tensor.copy_(rng.tensor)
         self._index.fill_(self.steps - 1)
         blocks = self._blocks()
-        for key in {(length, noisy) for _, length, noisy in blocks}:
+        for key in set(blocks):
             if key not in self._graphs:
-                self._graphs[key] = self._capture(*key, self._graph_rng)
+                self._graphs[key] = self._capture(*key)
         with tqdm(total=self.steps, disable=not progress, desc="sample", unit="step", leave=False) as bar:
-            for _, length, noisy in blocks:
+            for length, noisy in blocks:
                 self._graphs[(length, noisy)].replay()
                 bar.update(length)
         rng.tensor.copy_(self._graph_rng.tensor)

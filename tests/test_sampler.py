@@ -130,9 +130,10 @@ def test_one_step_compiles_into_one_graph(tiny_unet, short_schedule):
     z = torch.randn(2, 1, 8, 8)
     expected = sampler.x.clone()
     with torch.no_grad():
-        Sampler._step(sampler, 5, z, None)
+        sampler._step(sampler.model_rows[5], sampler.step_rows[5], z, None)
         eager, _ = sampler.x.clone(), sampler.x.copy_(expected)
-        torch.compile(lambda: sampler._step(5, z, None), fullgraph=True, backend="aot_eager")()
+        torch.compile(lambda: sampler._step(sampler.model_rows[5], sampler.step_rows[5], z, None),
+                      fullgraph=True, backend="aot_eager")()
     torch.testing.assert_close(sampler.x, eager, rtol=1e-5, atol=1e-5)
 
 
