@@ -9,8 +9,9 @@ Each fast result is checked against its reference before it is timed.
 import pytest
 import torch
 
-from fastddpm import Schedule, UNet, ops, training_loss
+from fastddpm import Schedule, UNet, training_loss
 from fastddpm.bench.sampler import _fast, _model, _reference
+from fastddpm.bench.train import train_step
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +41,11 @@ def test_sampler(benchmark, sampler_jobs, sampler_job, path):
 @pytest.mark.parametrize("path", ["reference", "compiled"])
 def test_train_step(benchmark, path, quick):
     preset = "digits" if quick else "mnist"
-    torch.manual_seed(0)
-    model = UNet.from_preset(preset).train()
     torch._dynamo.reset()
-    net = torch.compile(model, dynamic=False) if path == "compiled" else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    r = model.config.resolution
+    step = train_step(preset, path == "compiled", lr=1e-4)
+    r = UNet.from_preset(preset).config.resolution
     x0 = torch.randn(16, 1, r, r, generator=torch.Generator().manual_seed(1))
     schedule = Schedule.linear()
-
-    def step():
-        with ops.use_backend("reference"):
-            loss = training_loss(net, schedule, x0, generator=torch.Generator().manual_seed(2))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
     torch.manual_seed(0)
     expected = training_loss(UNet.from_preset(preset), schedule, x0, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(step().detach(), expected.detach(), rtol=1e-4, atol=1e-5)  # same first loss

@@ -6,13 +6,14 @@ diffusers is an optional dependency (``pip install .[bench]``)."""
 
 from __future__ import annotations
 
-import time
 from typing import Dict
 
 import torch
 
 from fastddpm import DDPM, Schedule, sample
 from fastddpm.models import unet_from_diffusers
+
+from .harness import time_rounds
 
 CIFAR10_CONFIG = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
                       layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
@@ -53,12 +54,8 @@ def run(device="cpu", quick=False, rounds=1) -> Dict:
         return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
     def timed(fn):
-        best = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            out = fn()
-            best.append(time.perf_counter() - start)
-        return out, sorted(best)[len(best) // 2]
+        stats, out = time_rounds(fn, device, rounds)
+        return out, stats["median"]
 
     ref_x, ref_s = timed(theirs)
     rows = []

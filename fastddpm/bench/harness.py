@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -86,3 +86,17 @@ def measure_graphed(fn: Callable[[], object], *, rounds: int = 7, calls: int = 2
     graph.replay()
     result = _measure_cuda(graph.replay, rounds=rounds, min_time=0.02)
     return {k: (v / calls if k != "rounds" else v) for k, v in result.items()}
+
+
+def time_rounds(fn: Callable[[], object], device, rounds: int) -> Tuple[Dict[str, float], object]:
+    """Wall time of each of ``rounds`` single calls of a long job (a whole sampling run), synced on
+    a GPU; returns ``({"median", "min", "max"} in seconds, the last call's result)``."""
+    device = torch.device(device)
+    times, result = [], None
+    for _ in range(rounds):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}, result

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 from typing import Callable, Dict, List
 
@@ -21,7 +20,7 @@ import torch
 from fastddpm import Sampler, Schedule, UNet, ops, reference_sample
 from fastddpm.ops import PhiloxState
 
-from .harness import measure
+from .harness import measure, time_rounds
 
 
 def _model(preset: str, device) -> UNet:
@@ -33,16 +32,7 @@ def _model(preset: str, device) -> UNet:
 
 
 def _timed(fn: Callable[[], torch.Tensor], device, rounds: int) -> Dict[str, float]:
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    return time_rounds(fn, device, rounds)[0]
 
 
 def _reference(model, schedule, shape, device, seed):

@@ -3,7 +3,7 @@ eager with the reference ops against the model compiled by torch.compile (forwar
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 
@@ -12,30 +12,39 @@ from fastddpm import Schedule, UNet, ops, training_loss
 from .harness import measure
 
 
+def train_step(preset: str, compiled: bool, device="cpu", batch: int = 16, lr: float = 2e-4) -> Callable:
+    """One Algorithm-1 step (loss, backward, Adam) of a fresh ``preset`` U-Net (seed 0) on a fixed
+    batch and fixed draws, so every variant starts from the same loss; ``compiled``: the model
+    through torch.compile. Returns the step, which returns the loss."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = UNet.from_preset(preset).to(device).train()
+    net = torch.compile(model, dynamic=False) if compiled else model
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    r = model.config.resolution
+    x0 = torch.randn(batch, model.config.in_channels, r, r, generator=torch.Generator().manual_seed(1)).to(device)
+    schedule = Schedule.linear()
+
+    def step():
+        with ops.use_backend("reference"):  # the compiled graph fuses the reference ops itself
+            loss = training_loss(net, schedule, x0, generator=torch.Generator(device).manual_seed(2))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 def run(device="cpu", quick=False, rounds=5) -> Dict:
     """Time one step of each variant on the same batch and the same draws; returns the rows."""
     device = torch.device(device)
     preset, batch = ("digits", 16) if quick else ("mnist", 16)
-    schedule = Schedule.linear()
     rows = []
     times = {}
     losses = {}
     for name in ("reference", "compiled"):
-        torch.manual_seed(0)
-        model = UNet.from_preset(preset).to(device).train()
-        net = torch.compile(model, dynamic=False) if name == "compiled" else model
-        opt = torch.optim.Adam(model.parameters(), lr=2e-4)
-        r = model.config.resolution
-        x0 = torch.randn(batch, model.config.in_channels, r, r, generator=torch.Generator().manual_seed(1)).to(device)
-
-        def step(net=net, opt=opt, x0=x0, name=name):
-            with ops.use_backend("reference"):  # the compiled graph fuses the reference ops itself
-                loss = training_loss(net, schedule, x0, generator=torch.Generator(device).manual_seed(2))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
-
+        step = train_step(preset, name == "compiled", device, batch)
         losses[name] = step().item()  # the first step: equal losses from equal weights and draws
         times[name] = measure(step, rounds=rounds, warmup=1, device=device)
     if abs(losses["compiled"] - losses["reference"]) > 1e-4 * max(1.0, abs(losses["reference"])):
