@@ -15,7 +15,7 @@ from .ops import PhiloxState
 from .pipeline import DDPM, resolve_model
 from .sampler import Sampler
 from .schedule import DDIM_DIRECTIONS, VARIANCES
-from .utils import resolve_device, same_device
+from .utils import resolve_device
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -107,10 +107,8 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
         if generator is not None:
             raise ValueError("generator: not used with noise='philox'; pass seed= instead")
         rng = PhiloxState(seed, device=device)
-    elif generator is None:
+    elif generator is None:  # (a given generator's device is checked by Sampler.run)
         generator = torch.Generator(device).manual_seed(seed)
-    elif not same_device(generator.device, device):
-        raise ValueError(f"generator: expected a generator on {device}, got one on {generator.device}")
 
     schedule = ddpm.schedule.respaced(steps)
     coeffs = schedule.table("step", device, sampler=sampler, variance=variance,

@@ -18,20 +18,19 @@ def resolve_device(device) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} requested but only "
                              f"{torch.cuda.device_count()} CUDA device(s) exist")
-        if dev.index is None:  # "cuda" is the current device: name it, as tensors on it do
-            dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type not in ("cpu", "mps", "xpu", "meta"):
         raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
+    return _named(dev)
+
+
+def _named(device: torch.device) -> torch.device:
+    """``"cuda"`` as the current CUDA device's name (``"cuda:0"``), as tensors on it report it."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are the same, with "cuda" meaning the current CUDA device (a
     ``torch.Generator("cuda")`` reports "cuda", tensors on it "cuda:0")."""
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.type == "cuda" and (a.index is None or b.index is None):
-        current = torch.cuda.current_device()
-        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
-    return a.index == b.index
+    return _named(torch.device(a)) == _named(torch.device(b))
