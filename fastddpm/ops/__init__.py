@@ -35,6 +35,9 @@ if _triton.AVAILABLE:
 # On CUDA, "auto" takes the first of these that is present. Measured on an H200 (docs/gpu_run2):
 # inside CUDA graphs the Triton kernels take 0.3-0.6x the native kernels' time on every op.
 CUDA_PREFERENCE = ("triton", "native")
+# Which backends carry CUDA kernels: fixed once the modules are loaded, so looked up once here
+# rather than on every op call.
+_CUDA_KERNELS = {"native": _native.cuda_available(), "triton": _triton.AVAILABLE}
 
 
 def available_backends() -> Tuple[str, ...]:
@@ -85,10 +88,7 @@ def _impl(backend: str, device: torch.device):
         if device.type == "cpu":
             return _native if _native.AVAILABLE else reference
         if device.type == "cuda":
-            present = {"native": _native.cuda_available(), "triton": _triton.AVAILABLE}
-            for name in CUDA_PREFERENCE:
-                if present[name]:
-                    return BACKENDS[name]
+            return next((BACKENDS[name] for name in CUDA_PREFERENCE if _CUDA_KERNELS[name]), reference)
         return reference
     try:
         return BACKENDS[backend]
