@@ -58,11 +58,13 @@ class Sampler:
         cuda_graph: capture steps as CUDA graphs and replay them (CUDA only).
         graph_steps: steps per captured graph (K); ``S`` steps replay ``S // K`` graphs and capture
             one more for a remainder.
+        memory_pool: on CPU, run the loop inside :func:`fastddpm.ops.cpu_memory_pool`, so each
+            step reuses the memory the last one freed instead of paying page faults for it.
     """
 
     def __init__(self, model: Callable, schedule: Schedule, coeffs: torch.Tensor, shape: Sequence[int], *,
                  clip: Optional[float] = 1.0, device="cpu", dtype=torch.float32, channels_last: bool = False,
-                 compile=False, cuda_graph: bool = False, graph_steps: int = 1):
+                 compile=False, cuda_graph: bool = False, graph_steps: int = 1, memory_pool: bool = True):
         self.device = resolve_device(device)
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 4 or min(self.shape) < 1:
@@ -80,6 +82,7 @@ class Sampler:
         self.dtype = resolve_dtype(dtype)
         self.channels_last = channels_last
         self.cuda_graph, self.graph_steps = cuda_graph, graph_steps
+        self.memory_pool = bool(memory_pool) and self.device.type == "cpu"
         self.steps = schedule.T
         B = self.shape[0]
         # Row i of each table is a view the loop takes without allocating: the schedule index i
@@ -182,7 +185,8 @@ class Sampler:
     def _run_eager(self, generator, rng, callback, progress):
         from tqdm.auto import tqdm
 
-        with self._autocast():
+        pool = ops.cpu_memory_pool() if self.memory_pool else contextlib.nullcontext()
+        with pool, self._autocast():
             for i in tqdm(range(self.steps - 1, -1, -1), total=self.steps, disable=not progress,
                           desc="sample", unit="step", leave=False):
                 noise, state = self._noise_for(i, generator, rng)

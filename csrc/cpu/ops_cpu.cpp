@@ -12,6 +12,7 @@
 
 #include "fastddpm/checks.h"
 #include "fastddpm/elementwise.h"
+#include "silu_avx512.h"
 
 namespace fastddpm {
 namespace {
@@ -254,11 +255,25 @@ FDDPM_ISA_CLONES float row_sq_dev_f32(const float* x, int64_t n, float shift) {
   return row_sq_dev_loop<float, float>(x, n, shift);
 }
 FDDPM_ISA_CLONES void affine_row_f32(const float* x, float* y, int64_t n, float scale, float shift, bool silu_act) {
+#ifdef FASTDDPM_HAVE_AVX512_ROWS
+  if (cpu_has_avx512()) {
+    if (silu_act) affine_row_avx512<true>(x, y, n, scale, shift);
+    else affine_row_avx512<false>(x, y, n, scale, shift);
+    return;
+  }
+#endif
   if (silu_act) affine_row_loop<true, float, float>(x, y, n, scale, shift);
   else affine_row_loop<false, float, float>(x, y, n, scale, shift);
 }
 FDDPM_ISA_CLONES void affine_channels_f32(const float* x, float* y, int64_t n, const float* scale,
                                           const float* shift, bool silu_act) {
+#ifdef FASTDDPM_HAVE_AVX512_ROWS
+  if (cpu_has_avx512()) {
+    if (silu_act) affine_channels_avx512<true>(x, y, n, scale, shift);
+    else affine_channels_avx512<false>(x, y, n, scale, shift);
+    return;
+  }
+#endif
   if (silu_act) affine_channels_loop<true, float, float>(x, y, n, scale, shift);
   else affine_channels_loop<false, float, float>(x, y, n, scale, shift);
 }

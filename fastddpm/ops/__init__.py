@@ -21,9 +21,11 @@ import torch
 
 from . import _native, reference
 from . import triton as _triton
+from .memory_pool import cpu_memory_pool
 from .philox import PhiloxState, philox_normal
 
-__all__ = ["BACKENDS", "CUDA_PREFERENCE", "PhiloxState", "available_backends", "ddpm_step", "group_norm_act",
+__all__ = ["BACKENDS", "CUDA_PREFERENCE", "PhiloxState", "available_backends", "cpu_memory_pool", "ddpm_step",
+           "group_norm_act",
            "native_status", "philox_normal", "q_sample", "triton_status", "use_backend"]
 
 BACKENDS = {"reference": reference}

@@ -1,0 +1,64 @@
+"""``cpu_memory_pool()``: reuse CPU memory across the iterations of a loop (csrc/cpu/memory_pool.cpp).
+
+glibc hands large blocks back to the kernel on free, so a loop that allocates the same activations
+every iteration pays a page fault per 4 KiB written, every iteration (on this project's CPU: 8,000
+faults, a fifth of an mnist sampler step). Inside ``with cpu_memory_pool():`` freed CPU blocks of
+64 KiB or more are kept and handed out again for the same size; on exit the cache is freed and
+the previous allocator is back. Results are unchanged; only where the bytes live changes.
+
+Without the native extension this is a no-op (``stats()["enabled"]`` stays False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Iterator, Optional
+
+import torch
+
+from . import _native
+
+DEFAULT_LIMIT_BYTES = 8 << 30  # most bytes kept in the free lists at a time
+
+
+def available() -> bool:
+    """Whether the caching allocator is built (it is part of the native CPU extension)."""
+    return _native.AVAILABLE and hasattr(torch.ops.fastddpm, "cpu_memory_pool")
+
+
+def stats() -> Dict[str, int]:
+    """``enabled``, ``cached_bytes``, ``live_blocks``, and ``hits`` / ``misses`` since enabling."""
+    if not available():
+        return dict(enabled=0, cached_bytes=0, live_blocks=0, hits=0, misses=0)
+    return dict(zip(("enabled", "cached_bytes", "live_blocks", "hits", "misses"),
+                    torch.ops.fastddpm.cpu_memory_pool_stats()))
+
+
+_depth = 0
+
+
+@contextlib.contextmanager
+def cpu_memory_pool(limit_bytes: Optional[int] = None) -> Iterator[None]:
+    """Serve CPU allocations from a cache of freed blocks inside the ``with`` block (re-entrant).
+
+    ``limit_bytes`` bounds the bytes held by the cache (default 8 GiB, or
+    ``FASTDDPM_CPU_POOL_LIMIT``); blocks freed beyond it go back to the system.
+    """
+    global _depth
+    if limit_bytes is None:
+        limit_bytes = int(os.environ.get("FASTDDPM_CPU_POOL_LIMIT", DEFAULT_LIMIT_BYTES))
+    if not isinstance(limit_bytes, int) or limit_bytes < 0:
+        raise ValueError(f"limit_bytes: expected a non-negative int, got {limit_bytes!r}")
+    if not available():
+        yield
+        return
+    if _depth == 0:
+        torch.ops.fastddpm.cpu_memory_pool(True, limit_bytes)
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            torch.ops.fastddpm.cpu_memory_pool(False, 0)
