@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a machine with an NVIDIA GPU (DESIGN.md section 6). Builds the extension
 # with CUDA for that machine's torch, runs the GPU tests (native CUDA kernels, Triton kernels, the
-# sampler), then the GPU benchmarks. Results go to ${OUT:-gpu_results}/. Under 8 minutes on an H200.
+# sampler), then the GPU benchmarks (ops, then the sampler, whose torch.compile row comes last).
+# Results go to ${OUT:-gpu_results}/. About 9 minutes on an H200.
 #
 #     bash benchmarks/gpu_check.sh [all | a comma list of op-tests,op-bench,sampler-tests,sampler-bench]
 set -uo pipefail
@@ -29,22 +30,22 @@ has() { [[ $WHAT == all || " ${WHAT//,/ } " == *" $1 "* ]]; }
 if has op-tests; then
   step "op tests"
   # every hypothesis shape would be autotuned afresh: the tests take each space's first config
-  FASTDDPM_TRITON_AUTOTUNE=0 timeout 150 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-seed=0 \
+  FASTDDPM_TRITON_AUTOTUNE=0 timeout 130 "$PY" -m pytest -q -p no:cacheprovider --hypothesis-seed=0 \
     tests/test_cuda_ops.py tests/test_triton_ops.py ${OP_TESTS_K:+-k "$OP_TESTS_K"} -p no:logging -rf --tb=short \
     2>&1 | tee "$OUT/tests_ops.txt" | tail -n 60
-fi
-if has op-bench; then
-  step "op benchmarks"
-  timeout 200 "$PY" -m benchmarks --device cuda --only ops --rounds 3 --out "$OUT/ops" 2>&1 | tee "$OUT/bench_ops.txt"
 fi
 if has sampler-tests; then
   step "sampler tests"
   timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_sampler_gpu.py -p no:logging -rf --tb=short 2>&1 \
     | tee "$OUT/tests_sampler.txt" | tail -n 40
 fi
+if has op-bench; then
+  step "op benchmarks"
+  timeout 150 "$PY" -m benchmarks --device cuda --only ops --rounds 3 --out "$OUT/ops" 2>&1 | tee "$OUT/bench_ops.txt"
+fi
 if has sampler-bench; then
   step "sampler benchmarks"
-  timeout ${SAMPLER_BENCH_LIMIT:-240} "$PY" -m benchmarks --device cuda --only sampler --out "$OUT/sampler" \
+  timeout ${SAMPLER_BENCH_LIMIT:-300} "$PY" -m benchmarks --device cuda --only sampler --out "$OUT/sampler" \
     2>&1 | grep -v "^DEBUG" | tee "$OUT/bench_sampler.txt"
 fi
 step done

@@ -39,13 +39,48 @@ def test_cuda_ops_match_reference(dtype, channels_last):
     assert (fast.float() - exact).abs().max() <= 2 * (low.float() - exact).abs().max() + 1e-4
 
 
-def test_cuda_in_kernel_noise_is_the_same_stream_as_the_cpu_one():
+def _misaligned(v):
+    """v's values at an offset of one element: no 4-value aligned vector access is possible."""
+    flat = torch.empty(v.numel() + 1, dtype=v.dtype, device=v.device)[1:]
+    return flat.copy_(v.flatten()).view(v.shape)
+
+
+# per-sample sizes divisible by 4 (vector rows) and not (the flat kernel), misaligned pointers,
+# group sizes on both sides of the one-pass limit (8192 values) and at batch 1 (split chunks)
+@pytest.mark.parametrize("shape,groups,misalign", [((2, 8, 4, 4), 4, False), ((3, 6, 5, 3), 3, False),
+                                                   ((2, 8, 4, 4), 4, True), ((2, 64, 64, 64), 32, False),
+                                                   ((2, 32, 64, 65), 16, False), ((1, 64, 128, 128), 8, False),
+                                                   ((1, 256, 32, 32), 32, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_launch_paths_match_reference(shape, groups, misalign, channels_last):
+    coeffs, noising = _tables()
+    g = torch.Generator("cuda").manual_seed(1)
+    x, m, z = (3 * torch.randn(shape, generator=g, device="cuda") + 1 for _ in range(3))
+    if misalign:
+        x, m, z = (_misaligned(v) for v in (x, m, z))
+    if channels_last:
+        x, m, z = (v.contiguous(memory_format=torch.channels_last) for v in (x, m, z))
+    t = torch.randint(0, 1000, (shape[0],), generator=g, device="cuda")
+    torch.testing.assert_close(ops.ddpm_step(x, m, t, coeffs, z, 1.0, backend="native"),
+                               reference.ddpm_step(x, m, t, coeffs, z, 1.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.q_sample(x, t, noising, z, backend="native")[0],
+                               reference.q_sample(x, t, noising, z)[0], rtol=1e-5, atol=1e-5)
+    C = shape[1]
+    temb, w, b = (torch.randn(*s, generator=g, device="cuda") for s in ((shape[0], C), (C,), (C,)))
+    torch.testing.assert_close(ops.group_norm_act(x, w, b, groups, 1e-6, temb, backend="native"),
+                               reference.group_norm_act(x.double(), w.double(), b.double(), groups, 1e-6,
+                                                        temb.double()).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 10001), (2, 4096)])  # the flat kernel, then the vector rows
+def test_cuda_in_kernel_noise_is_the_same_stream_as_the_cpu_one(shape):
     _, noising = _tables()
     state = PhiloxState(11, device="cuda")
-    _, z = ops.q_sample(torch.zeros(1, 10001, device="cuda"), torch.tensor([0], device="cuda"), noising,
-                        rng=state, backend="native")
+    _, z = ops.q_sample(torch.zeros(shape, device="cuda"), torch.zeros(shape[0], dtype=torch.long, device="cuda"),
+                        noising, rng=state, backend="native")
     assert state.tensor.tolist() == [11, 1]
-    torch.testing.assert_close(z.flatten().cpu(), philox_normal(10001, 11, 0), rtol=1e-6, atol=1e-6)
+    n = shape[0] * shape[1]
+    torch.testing.assert_close(z.flatten().cpu(), philox_normal(n, 11, 0), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["step", "q_sample", "group_norm_act"])
