@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     s.add_argument("--cuda-graph", action="store_true", help="replay captured CUDA graphs (needs --noise philox)")
     s.add_argument("--graph-steps", type=int, default=1, help="steps per captured CUDA graph")
-    s.add_argument("--channels-last", action="store_true")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the U-Net on channels_last tensors (default: on; measured faster on CPU and GPU)")
     s.set_defaults(func=cmd_sample)
 
     for sp in (t, s):

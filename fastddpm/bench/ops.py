@@ -8,6 +8,7 @@ Every fast result is checked against the reference before it is timed.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from typing import Dict, List
 
@@ -41,11 +42,11 @@ def op_cases(device: torch.device, quick: bool) -> List[Dict]:
     nbytes = x.numel() * 4
     out = torch.empty_like(x)  # the sampler steps into preallocated buffers
     cases = [
-        dict(name=f"ddpm_step {numel / 2**20:.0f}M, noise given, out=", bytes=4 * nbytes, tol=1e-5,
+        dict(name=f"ddpm_step {numel / 2**20:.0f}M, noise given, out=", bytes=4 * nbytes, tol=1e-5, allocates=False,
              ref=lambda: ops.ddpm_step(x, m, t, coeffs, z, 1.0, out=out, backend="reference"),
              fast=lambda be: ops.ddpm_step(x, m, t, coeffs, z, 1.0, out=out, backend=be)),
         dict(name=f"ddpm_step {numel / 2**20:.0f}M, in-kernel noise vs torch.randn, out=", bytes=3 * nbytes,
-             tol=None,
+             tol=None, allocates=False,
              ref=lambda: ops.ddpm_step(x, m, t, coeffs, torch.randn(x.shape, generator=g, device=device), 1.0,
                                        out=out, backend="reference"),
              fast=lambda be: ops.ddpm_step(x, m, t, coeffs, None, 1.0, out=out, rng=rng, backend=be)),
@@ -96,42 +97,64 @@ def fast_backends(device: torch.device) -> List[str]:
     return names
 
 
+def _with_pool_variants(cases: List[Dict], device: torch.device) -> List[Dict]:
+    """On CPU, each case whose ops allocate their outputs also runs inside ``cpu_memory_pool`` (the
+    reference too): glibc maps large blocks afresh on every call, and the page faults of writing
+    them can cost more than the op itself (measured: 8,000 faults, ~6 ms, for one 32 MiB output)."""
+    if device.type != "cpu" or not ops.memory_pool.available():
+        return cases
+    out = []
+    for case in cases:
+        out.append(case)
+        if case.get("allocates", True):
+            out.append(dict(case, name=case["name"] + ", in cpu_memory_pool", pool=True))
+    return out
+
+
 def run(device="cpu", quick=False, rounds=7) -> Dict:
     """Run all cases; returns the results as a dict (also the JSON written by the CLI)."""
     device = torch.device(device)
     rows, copies = [], []
-    for case in op_cases(device, quick) + unet_cases(device, quick):
-        ref = measure(case["ref"], rounds=rounds, device=device)
-        if case["bytes"]:
-            # a plain copy moving the same bytes (half read, half written), timed right here: shared
-            # machines' bandwidth drifts during a run, so one copy at the start is not the baseline
-            copy_bw = copy_bandwidth(case["bytes"] // 2, device=device, rounds=rounds)
-            copies.append(copy_bw)
-        for backend in fast_backends(device):
-            fast_fn = lambda case=case, backend=backend: case["fast"](backend)  # noqa: E731
-            if case["tol"] is not None:
-                _check(fast_fn(), case["ref"](), f"{case['name']} [{backend}]", case["tol"])
-            fast = measure(fast_fn, rounds=rounds, device=device)
-            row = dict(name=f"{case['name']} [{backend}]", backend=backend, ref_s=ref["median"],
-                       fast_s=fast["median"], fast_min_s=fast["min"], fast_max_s=fast["max"],
-                       speedup=ref["median"] / fast["median"])
-            if case["bytes"]:
-                row["gb_s"] = case["bytes"] / fast["median"] / 1e9
-                row["copy_gb_s"] = copy_bw / 1e9
-                row["frac_of_copy"] = case["bytes"] / fast["median"] / copy_bw
-            if device.type == "cuda":  # kernel time without launch overhead, as in the sampler's graphs
-                ref_g, fast_g = measure_graphed(case["ref"], rounds=rounds), measure_graphed(fast_fn, rounds=rounds)
-                if fast_g:
-                    row["graphed_s"] = fast_g["median"]
-                    if ref_g:
-                        row["graphed_speedup"] = ref_g["median"] / fast_g["median"]
-                    if case["bytes"]:
-                        row["graphed_frac_of_copy"] = case["bytes"] / fast_g["median"] / copy_bw
-            rows.append(row)
+    for case in _with_pool_variants(op_cases(device, quick) + unet_cases(device, quick), device):
+        with ops.cpu_memory_pool() if case.get("pool") else contextlib.nullcontext():
+            rows.extend(_measure_case(case, device, rounds, copies))
     return dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                 machine=platform.processor() or platform.machine(),
                 copy_gb_s=[min(copies) / 1e9, max(copies) / 1e9] if copies else None,
                 native=ops.native_status(), triton=ops.triton_status(), rounds=rounds, rows=rows)
+
+
+def _measure_case(case: Dict, device: torch.device, rounds: int, copies: List[float]) -> List[Dict]:
+    """The reference, the copy baseline and every fast backend of one case."""
+    rows = []
+    ref = measure(case["ref"], rounds=rounds, device=device)
+    if case["bytes"]:
+        # a plain copy moving the same bytes (half read, half written), timed right here: shared
+        # machines' bandwidth drifts during a run, so one copy at the start is not the baseline
+        copy_bw = copy_bandwidth(case["bytes"] // 2, device=device, rounds=rounds)
+        copies.append(copy_bw)
+    for backend in fast_backends(device):
+        fast_fn = lambda case=case, backend=backend: case["fast"](backend)  # noqa: E731
+        if case["tol"] is not None:
+            _check(fast_fn(), case["ref"](), f"{case['name']} [{backend}]", case["tol"])
+        fast = measure(fast_fn, rounds=rounds, device=device)
+        row = dict(name=f"{case['name']} [{backend}]", backend=backend, ref_s=ref["median"],
+                   fast_s=fast["median"], fast_min_s=fast["min"], fast_max_s=fast["max"],
+                   speedup=ref["median"] / fast["median"])
+        if case["bytes"]:
+            row["gb_s"] = case["bytes"] / fast["median"] / 1e9
+            row["copy_gb_s"] = copy_bw / 1e9
+            row["frac_of_copy"] = case["bytes"] / fast["median"] / copy_bw
+        if device.type == "cuda":  # kernel time without launch overhead, as in the sampler's graphs
+            ref_g, fast_g = measure_graphed(case["ref"], rounds=rounds), measure_graphed(fast_fn, rounds=rounds)
+            if fast_g:
+                row["graphed_s"] = fast_g["median"]
+                if ref_g:
+                    row["graphed_speedup"] = ref_g["median"] / fast_g["median"]
+                if case["bytes"]:
+                    row["graphed_frac_of_copy"] = case["bytes"] / fast_g["median"] / copy_bw
+        rows.append(row)
+    return rows
 
 
 def markdown(result: Dict) -> str:
