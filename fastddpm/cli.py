@@ -49,7 +49,7 @@ def cmd_sample(args) -> int:
                clip=not args.no_clip, eta=args.eta, seed=args.seed, device=args.device,
                batch_size=args.batch_size, progress=not args.quiet, noise=args.noise, dtype=args.dtype,
                compile=args.compile, cuda_graph=args.cuda_graph, graph_steps=args.graph_steps,
-               channels_last=args.channels_last)
+               channels_last=args.channels_last, winograd=args.winograd)
     save_grid(x, args.out, scale=args.scale)
     if args.npy:
         np.save(args.npy, x.cpu().numpy())
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--graph-steps", type=int, default=1, help="steps per captured CUDA graph")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="run the U-Net on channels_last tensors (default: on; measured faster on CPU and GPU)")
+    s.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=None,
+                   help="Winograd F(2x2,3x3) for wide 3x3 convolutions on the CPU in float32 (default: where it applies)")
     s.set_defaults(func=cmd_sample)
 
     for sp in (t, s):

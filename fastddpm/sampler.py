@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import ops
+from .models.winograd import available as winograd_available
+from .models.winograd import with_winograd_convs
 from .ops import PhiloxState
 from .schedule import Schedule
 from .utils import resolve_device, same_device
@@ -60,11 +62,16 @@ class Sampler:
             one more for a remainder.
         memory_pool: on CPU, run the loop inside :func:`fastddpm.ops.cpu_memory_pool`, so each
             step reuses the memory the last one freed instead of paying page faults for it.
+        winograd: on CPU in float32, run a copy of the model whose 3x3 convolutions of 128 or more
+            channels use Winograd's F(2x2, 3x3) (:mod:`fastddpm.models.winograd`): fewer
+            multiplies, results within rounding of the direct convolution. None (default): on
+            wherever it applies (a float32 ``nn.Module`` on the CPU, native extension built).
     """
 
     def __init__(self, model: Callable, schedule: Schedule, coeffs: torch.Tensor, shape: Sequence[int], *,
                  clip: Optional[float] = 1.0, device="cpu", dtype=torch.float32, channels_last: bool = False,
-                 compile=False, cuda_graph: bool = False, graph_steps: int = 1, memory_pool: bool = True):
+                 compile=False, cuda_graph: bool = False, graph_steps: int = 1, memory_pool: bool = True,
+                 winograd: Optional[bool] = None):
         self.device = resolve_device(device)
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 4 or min(self.shape) < 1:
@@ -82,6 +89,13 @@ class Sampler:
         self.dtype = resolve_dtype(dtype)
         self.channels_last = channels_last
         self.cuda_graph, self.graph_steps = cuda_graph, graph_steps
+        applies = (self.device.type == "cpu" and self.dtype == torch.float32 and isinstance(model, torch.nn.Module)
+                   and winograd_available())
+        if winograd and not applies:
+            raise ValueError(f"winograd: needs an nn.Module run on the CPU in float32 and the native extension, "
+                             f"got {type(model).__name__} on {self.device} in {self.dtype} "
+                             f"(native: {ops.native_status()})")
+        self.winograd = applies if winograd is None else bool(winograd)
         self.memory_pool = bool(memory_pool) and self.device.type == "cpu"
         self.steps = schedule.T
         B = self.shape[0]
@@ -103,6 +117,8 @@ class Sampler:
 
     # ------------------------------------------------------------------------------- the step
     def _prepare_model(self, model, compile):
+        if self.winograd:
+            model = with_winograd_convs(model)
         if isinstance(model, torch.nn.Module) and self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile is False:

@@ -132,3 +132,15 @@ def test_cuda_graph_replays_draw_fresh_noise():
     torch.cuda.synchronize()
     assert state.tensor.tolist()[1] == 4  # warm-up + three replays (capture records, runs nothing)
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], results[2])
+
+
+@pytest.mark.skipif("triton" not in ops.available_backends(), reason="needs Triton")
+def test_auto_takes_native_eagerly_and_triton_under_graph_capture():
+    cuda = torch.device("cuda")
+    assert ops._impl("auto", cuda) is ops.BACKENDS["native"]
+    x = torch.zeros(8, device="cuda")
+    graph, seen = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        seen.append(ops._impl("auto", cuda))
+        x.add_(1)
+    assert seen == [ops.BACKENDS["triton"]]

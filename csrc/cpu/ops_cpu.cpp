@@ -12,6 +12,7 @@
 
 #include "fastddpm/checks.h"
 #include "fastddpm/elementwise.h"
+#include "isa.h"
 #include "silu_avx512.h"
 
 namespace fastddpm {
@@ -19,8 +20,6 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-// Hot arithmetic-heavy loops are compiled for AVX-512, AVX2 and the baseline, picked at load time.
-#define FDDPM_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // Elements [begin, end) of a [B, ...] tensor, split at sample boundaries: f(b, lo, hi).
 template <typename F>

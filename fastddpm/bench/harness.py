@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -100,3 +100,15 @@ def time_rounds(fn: Callable[[], object], device, rounds: int) -> Tuple[Dict[str
         _sync(device)
         times.append(time.perf_counter() - start)
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}, result
+
+
+def interleaved_rounds(fns: Dict[str, Callable[[], object]], device, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Like :func:`time_rounds` for several jobs at once, run in turn within each round (A B C, A B C,
+    ...), so drift on a shared machine (its bandwidth, its clock, glibc's thresholds) falls on
+    every job alike; returns ``{name: {"median", "min", "max"}}``."""
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_rounds(fn, device, 1)[0]["median"])
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in times.items()}
+

@@ -68,6 +68,26 @@ def op_cases(device: torch.device, quick: bool) -> List[Dict]:
     return cases
 
 
+def conv_cases(device: torch.device, quick: bool) -> List[Dict]:
+    """3x3 convolutions of the cifar10 U-Net (batch 16, channels_last): Winograd F(2x2, 3x3)
+    against oneDNN's direct convolution (the reference), on the CPU in float32."""
+    from fastddpm.models import winograd
+
+    if device.type != "cpu" or not winograd.available():
+        return []
+    cases = []
+    for C, res in ([(128, 16)] if quick else [(128, 32), (256, 16), (256, 8)]):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(16, C, res, res, generator=g).contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(C, generator=g)
+        U = winograd.transform_weight(w)
+        cases.append(dict(name=f"conv3x3 {C}->{C} at {res}x{res}, batch 16, winograd vs direct", bytes=None,
+                          tol=1e-4, allocates=False, ref=lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1),
+                          fast=lambda be, x=x, U=U, b=b: torch.ops.fastddpm.winograd_conv3x3(x, U, b)))
+    return cases
+
+
 def unet_cases(device: torch.device, quick: bool) -> List[Dict]:
     """U-Net forward with fused ops against the same model with reference ops."""
     cases = []
@@ -115,7 +135,8 @@ def run(device="cpu", quick=False, rounds=7) -> Dict:
     """Run all cases; returns the results as a dict (also the JSON written by the CLI)."""
     device = torch.device(device)
     rows, copies = [], []
-    for case in _with_pool_variants(op_cases(device, quick) + unet_cases(device, quick), device):
+    cases = op_cases(device, quick) + conv_cases(device, quick) + unet_cases(device, quick)
+    for case in _with_pool_variants(cases, device):
         with ops.cpu_memory_pool() if case.get("pool") else contextlib.nullcontext():
             rows.extend(_measure_case(case, device, rounds, copies))
     return dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),

@@ -20,7 +20,7 @@ import torch
 from fastddpm import Sampler, Schedule, UNet, ops, reference_sample
 from fastddpm.ops import PhiloxState
 
-from .harness import measure, time_rounds
+from .harness import interleaved_rounds, measure, time_rounds
 
 
 def _model(preset: str, device) -> UNet:
@@ -50,7 +50,11 @@ def _fast(model, schedule, shape, device, seed, **options):
 
 
 def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
-    """Fast sampler variants against the reference sampler on this CPU."""
+    """Fast sampler variants against the reference sampler on this CPU.
+
+    Each variant and the reference get their own copy of the model (channels_last converts a
+    model in place) and are timed in turn within each round, so drift of this shared machine falls
+    on all of them alike."""
     device = torch.device("cpu")
     rows = []
     # cifar10 on this CPU: 10 steps (0.7 s a step; 1000 steps of each variant would take 12 minutes)
@@ -62,37 +66,36 @@ def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
         shape = (batch, c, r, r)
         schedule = Schedule.linear().respaced(steps)
         ref_fn = _reference(model, schedule, shape, device, 0)
-        start = time.perf_counter()
         ref_x = ref_fn()
-        first = time.perf_counter() - start
-        ref_before = _timed(ref_fn, device, n_rounds) if n_rounds > 1 else dict(median=first)
-        variants = [("eager fp32", {}, 1e-4), ("compiled fp32", {"compile": True}, 1e-3)]
+        # Winograd applies by default on the CPU in fp32 (convs of >= 128 channels); rows say which
+        cl, direct = {"channels_last": True}, {"winograd": False}
+        variants = [("eager fp32, channels_last, winograd", cl, 1e-3),
+                    ("compiled fp32, channels_last, winograd", {"compile": True, **cl}, 1e-3)]
         if steps >= 1000:  # the long run: the fastest fp32 variant only; 1000 clipped steps amplify
-            variants = [("compiled fp32", {"compile": True}, 1e-2)]  # Inductor's reordered float sums
+            variants = [("compiled fp32, channels_last, winograd", {"compile": True, **cl}, 1e-2)]
         elif preset == "cifar10" or not quick:
-            variants += [("compiled fp32, no memory pool", {"compile": True, "memory_pool": False}, 1e-3),
-                         ("compiled fp32, channels_last", {"compile": True, "channels_last": True}, 1e-3),
-                         ("eager bf16", {"dtype": "bfloat16"}, None),
-                         ("compiled bf16", {"dtype": "bfloat16", "compile": True}, None)]
-        measured = []
+            variants += [("eager fp32, NCHW, direct convs", direct, 1e-4),
+                         ("compiled fp32, NCHW, direct convs", {"compile": True, **direct}, 1e-3),
+                         ("compiled fp32, channels_last, winograd, no memory pool",
+                          {"compile": True, **cl, "memory_pool": False}, 1e-3),
+                         ("eager bf16, channels_last", {"dtype": "bfloat16", **cl}, None),
+                         ("compiled bf16, channels_last", {"dtype": "bfloat16", "compile": True, **cl}, None)]
+        torch._dynamo.reset()
+        fns, errs = {"reference": ref_fn}, {}
         for name, options, tol in variants:
-            torch._dynamo.reset()
-            fast_fn = _fast(model, schedule, shape, device, 0, **options)
+            fast_fn = _fast(_model(preset, device), schedule, shape, device, 0, **options)
             x = fast_fn()  # also the compile
-            err = (x - ref_x).abs().max().item()
-            if tol is not None and not err <= tol:
-                raise AssertionError(f"{preset} {name}: fast sampler differs from the reference by {err}")
-            measured.append((name, _timed(fast_fn, device, n_rounds), err))
-        # The reference again, after the fast runs: glibc adapts its mmap and trim thresholds to what a
-        # process frees, so the same reference can run faster later in a run. The faster of the two
-        # medians is the reference every row is divided by (the conservative choice).
-        ref_after = _timed(ref_fn, device, n_rounds)["median"] if n_rounds > 1 else ref_before["median"]
-        ref_s = min(ref_before["median"], ref_after)
-        for name, fast, err in measured:
+            errs[name] = (x - ref_x).abs().max().item()
+            if tol is not None and not errs[name] <= tol:
+                raise AssertionError(f"{preset} {name}: fast sampler differs from the reference by {errs[name]}")
+            fns[name] = fast_fn
+        timed = interleaved_rounds(fns, device, n_rounds)
+        ref = timed.pop("reference")
+        for name, fast in timed.items():
             rows.append(dict(name=f"{preset} batch {batch}, {steps} steps, {name}", steps=steps,
-                             ref_s=ref_s, ref_first_s=ref_before["median"], ref_last_s=ref_after,
-                             fast_s=fast["median"], fast_min_s=fast["min"], fast_max_s=fast["max"],
-                             speedup=ref_s / fast["median"], max_diff_vs_ref=err))
+                             ref_s=ref["median"], fast_s=fast["median"], fast_min_s=fast["min"],
+                             fast_max_s=fast["max"], speedup=ref["median"] / fast["median"],
+                             max_diff_vs_ref=errs[name]))
     return rows
 
 
@@ -207,12 +210,12 @@ def markdown(result: Dict) -> str:
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else (f"{r['speedup_vs_eager']:.2f}x vs eager"
                                                                  if "speedup_vs_eager" in r else "-")
         notes = ", ".join(f"{k} {v:.3g}" for k, v in r.items()
-                          if k in ("max_diff_vs_ref", "ref_first_s", "ref_last_s", "first_run_s", "capture_s",
-                                   "graph_memory_mb", "per_step_ms"))
+                          if k in ("max_diff_vs_ref", "first_run_s", "capture_s", "graph_memory_mb", "per_step_ms"))
         spread = f"{r['fast_min_s']:.3f}..{r['fast_max_s']:.3f} s" if "fast_min_s" in r else "-"
         lines.append(f"| {r['name']} | {ref} | {r['fast_s']:.3f} s | {spread} | {speed} | {notes} |")
-    lines += ["", "reference: the faster of its medians timed before (ref_first_s) and after (ref_last_s) the "
-                  "fast variants of its preset; glibc adapts to a process's frees, so it can speed up later in a run"]
+    if result["device"] == "cpu":
+        lines += ["", "CPU rows: the reference and every variant of a preset, each on its own copy of the model, "
+                      "timed in turn within each round (interleaved), so the machine's drift falls on all alike"]
     if "step_overhead" in result:
         o = result["step_overhead"]
         lines += ["", f"Step outside the U-Net (mnist batch 16, eager loop with a stand-in model): "
