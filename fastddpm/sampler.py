@@ -110,9 +110,12 @@ class Sampler:
         self.z = torch.empty(self.shape, device=self.device)
         self.zeros = torch.zeros_like(self.x)
         self.model = self._prepare_model(model, compile)
-        # The ops inside the model: the fused kernels when eager; under torch.compile the reference
-        # ops, which Inductor fuses with their neighbours (measured faster than opaque fused ops).
-        self.model_ops = "reference" if compile else "auto"
+        # The op backends, fixed here, since captured graphs must run the kernels their warm-up ran
+        # (on CUDA "auto" picks Triton under capture, native eagerly). Inside the model: the fused
+        # kernels; under torch.compile the reference ops, which Inductor fuses with their
+        # neighbours (measured faster than opaque fused ops).
+        self.step_ops = ops.auto_backend(self.device, graph=cuda_graph)
+        self.model_ops = "reference" if compile else self.step_ops
         self._graphs: Dict[Tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
     # ------------------------------------------------------------------------------- the step
@@ -148,7 +151,8 @@ class Sampler:
         the x0 the model predicted from the x before the step (clipped like the step)."""
         m = self._model_out(t_model)
         x0 = ops.reference.predicted_x0(self.x, m, t_step, self.coeffs, self.clip) if with_x0 else None
-        ops.ddpm_step(self.x, m, t_step, self.coeffs, noise, self.clip, out=self.x, rng=rng, trusted_t=True)
+        ops.ddpm_step(self.x, m, t_step, self.coeffs, noise, self.clip, out=self.x, rng=rng, trusted_t=True,
+                      backend=self.step_ops)
         return x0
 
     # ------------------------------------------------------------------------------- the loop

@@ -24,7 +24,8 @@ from . import triton as _triton
 from .memory_pool import cpu_memory_pool
 from .philox import PhiloxState, philox_normal
 
-__all__ = ["BACKENDS", "CUDA_PREFERENCE", "PhiloxState", "available_backends", "cpu_memory_pool", "ddpm_step",
+__all__ = ["BACKENDS", "CUDA_PREFERENCE", "PhiloxState", "auto_backend", "available_backends", "cpu_memory_pool",
+           "ddpm_step",
            "group_norm_act",
            "native_status", "philox_normal", "q_sample", "triton_status", "use_backend"]
 
@@ -86,16 +87,24 @@ def use_backend(name: str):
         _forced_backend = previous
 
 
+def auto_backend(device: torch.device, graph: Optional[bool] = None) -> str:
+    """The backend ``backend="auto"`` resolves to on ``device`` now (``FASTDDPM_OPS`` or a
+    :func:`use_backend` block first). ``graph``: for a CUDA graph capture or not (default: whether
+    the current stream is capturing); code that warms kernels up before capturing asks with True."""
+    if _forced_backend not in (None, "auto"):
+        return _forced_backend
+    if device.type == "cpu":
+        return "native" if _native.AVAILABLE else "reference"
+    if device.type == "cuda":
+        capturing = torch.cuda.is_current_stream_capturing() if graph is None else graph
+        order = CUDA_PREFERENCE["graph" if capturing else "eager"]
+        return next((name for name in order if _CUDA_KERNELS[name]), "reference")
+    return "reference"
+
+
 def _impl(backend: str, device: torch.device):
-    if backend == "auto" and _forced_backend is not None:
-        backend = _forced_backend
     if backend == "auto":
-        if device.type == "cpu":
-            return _native if _native.AVAILABLE else reference
-        if device.type == "cuda":
-            order = CUDA_PREFERENCE["graph" if torch.cuda.is_current_stream_capturing() else "eager"]
-            return next((BACKENDS[name] for name in order if _CUDA_KERNELS[name]), reference)
-        return reference
+        backend = auto_backend(device)
     try:
         return BACKENDS[backend]
     except KeyError:
