@@ -69,6 +69,7 @@ def info() -> dict:
     import torch
 
     from . import __version__, ops
+    from .models import winograd
     from .pipeline import bundled_models
 
     cuda = torch.cuda.is_available()
@@ -79,6 +80,7 @@ def info() -> dict:
                               for i in range(torch.cuda.device_count())] if cuda else ["cpu"],
         "cpu_threads": torch.get_num_threads(), "op_backends": list(ops.available_backends()),
         "native_extension": ops.native_status(), "triton": ops.triton_status(),
+        "cpu_memory_pool": ops.memory_pool.available(), "cpu_winograd_conv": winograd.available(),
         "bundled_models": list(bundled_models()),
     }
 
