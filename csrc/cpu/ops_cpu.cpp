@@ -312,6 +312,50 @@ void normalize_channels(const scalar_t* x, scalar_t* y, int64_t n, const acc_t* 
   }
 }
 
+// Per-channel sums over the rows of a [rows, C] block (one channels_last sample): acc[c] = sum x.
+template <typename scalar_t, typename acc_t>
+void column_sums_loop(const scalar_t* x, int64_t rows, int64_t C, acc_t* acc) {
+  std::fill(acc, acc + C, acc_t(0));
+  for (int64_t s = 0; s < rows; ++s) {
+    const scalar_t* row = x + s * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(row[c]);
+  }
+}
+
+// acc[c] = sum over rows of (x + shift[c])^2.
+template <typename scalar_t, typename acc_t>
+void column_sq_dev_loop(const scalar_t* x, int64_t rows, int64_t C, const acc_t* shift, acc_t* acc) {
+  std::fill(acc, acc + C, acc_t(0));
+  for (int64_t s = 0; s < rows; ++s) {
+    const scalar_t* row = x + s * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(row[c]) + shift[c];
+      acc[c] += d * d;
+    }
+  }
+}
+
+FDDPM_ISA_CLONES void column_sums_f32(const float* x, int64_t rows, int64_t C, float* acc) {
+  column_sums_loop<float, float>(x, rows, C, acc);
+}
+FDDPM_ISA_CLONES void column_sq_dev_f32(const float* x, int64_t rows, int64_t C, const float* shift, float* acc) {
+  column_sq_dev_loop<float, float>(x, rows, C, shift, acc);
+}
+
+template <typename scalar_t, typename acc_t>
+void column_sums(const scalar_t* x, int64_t rows, int64_t C, acc_t* acc) {
+  if constexpr (std::is_same_v<scalar_t, float>) column_sums_f32(x, rows, C, acc);
+  else column_sums_loop<scalar_t, acc_t>(x, rows, C, acc);
+}
+
+template <typename scalar_t, typename acc_t>
+void column_sq_dev(const scalar_t* x, int64_t rows, int64_t C, const acc_t* shift, acc_t* acc) {
+  if constexpr (std::is_same_v<scalar_t, float>) column_sq_dev_f32(x, rows, C, shift, acc);
+  else column_sq_dev_loop<scalar_t, acc_t>(x, rows, C, shift, acc);
+}
+
 struct GroupNormArgs {
   int64_t N, C, G, D, HW;
   double eps;
@@ -368,29 +412,13 @@ void group_norm_nhwc(const scalar_t* xp, scalar_t* yp, const acc_t* wp, const ac
     for (int64_t n = begin; n < end; ++n) {
       const scalar_t* xb = xp + n * a.C * a.HW;
       const acc_t* tn = tp ? tp + n * a.C : nullptr;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t s = 0; s < a.HW; ++s) {
-        const scalar_t* row = xb + s * a.C;
-        acc_t* ap = acc.data();
-#pragma omp simd
-        for (int64_t c = 0; c < a.C; ++c) ap[c] += static_cast<acc_t>(row[c]);
-      }
+      column_sums<scalar_t, acc_t>(xb, a.HW, a.C, acc.data());
       const double count = static_cast<double>(a.D * a.HW);
       std::vector<double> mu(a.G, 0.0), inv(a.G, 0.0);
       for (int64_t c = 0; c < a.C; ++c) mu[c / a.D] += double(acc[c]) + (tn ? double(tn[c]) * a.HW : 0.0);
       for (int64_t g = 0; g < a.G; ++g) mu[g] /= count;
       for (int64_t c = 0; c < a.C; ++c) shift[c] = static_cast<acc_t>((tn ? tn[c] : 0.0) - mu[c / a.D]);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t s = 0; s < a.HW; ++s) {
-        const scalar_t* row = xb + s * a.C;
-        acc_t* ap = acc.data();
-        const acc_t* sp = shift.data();
-#pragma omp simd
-        for (int64_t c = 0; c < a.C; ++c) {
-          const acc_t d = static_cast<acc_t>(row[c]) + sp[c];
-          ap[c] += d * d;
-        }
-      }
+      column_sq_dev<scalar_t, acc_t>(xb, a.HW, a.C, shift.data(), acc.data());
       for (int64_t c = 0; c < a.C; ++c) inv[c / a.D] += double(acc[c]);
       for (int64_t g = 0; g < a.G; ++g) {
         inv[g] = 1.0 / std::sqrt(inv[g] / count + a.eps);
