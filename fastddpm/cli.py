@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="run the U-Net on channels_last tensors (default: on; measured faster on CPU and GPU)")
     s.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=None,
-                   help="Winograd F(2x2,3x3) for wide 3x3 convolutions on the CPU in float32 (default: where it applies)")
+                   help="Winograd F(2x2,3x3) for wide 3x3 convolutions on the CPU in float32 "
+                        "(default: where it applies)")
     s.set_defaults(func=cmd_sample)
 
     for sp in (t, s):
