@@ -56,7 +56,8 @@ def eligible(module: nn.Module, min_channels: int = 1) -> bool:
     """A float32 CPU ``nn.Conv2d`` with a 3x3 kernel, stride 1, zero padding 1, no dilation or
     groups, and at least ``min_channels`` channels in and out."""
     return (type(module) is nn.Conv2d and min(module.in_channels, module.out_channels) >= min_channels
-            and module.kernel_size == (3, 3) and module.stride == (1, 1) and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
+            and module.kernel_size == (3, 3) and module.stride == (1, 1) and module.padding == (1, 1)
+            and module.dilation == (1, 1) and module.groups == 1
             and module.padding_mode == "zeros" and module.weight.dtype == torch.float32
             and module.weight.device.type == "cpu")
 
