@@ -20,7 +20,6 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-
 // Elements [begin, end) of a [B, ...] tensor, split at sample boundaries: f(b, lo, hi).
 template <typename F>
 void for_each_sample_segment(int64_t begin, int64_t end, int64_t per_sample, const F& f) {

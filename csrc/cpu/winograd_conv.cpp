@@ -118,14 +118,13 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& U, con
               "bias: expected float32 [", K, "]");
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor u = U.contiguous();
-  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor b = bias ? bias->contiguous() : at::zeros({K}, x.options());  // no bias: add zeros
   at::Tensor y = at::empty({N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = N * th * tw;
   if (T == 0 || K == 0) return y;
   const int64_t TB = std::clamp<int64_t>(kBlockBytes / (16 * std::max(C, K) * 4) / 8 * 8, 8, 1024);
   const float* xp = x.data_ptr<float>();
-  const at::Tensor bias_or_zeros = bias ? b : at::zeros({K}, x.options());
-  const float* bp = bias_or_zeros.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::Tensor V = at::empty({16, TB, C}, x.options()), M = at::empty({16, TB, K}, x.options());
   const at::Tensor zeros = at::zeros({C}, x.options());

@@ -109,7 +109,6 @@ __global__ void rows_kernel(Op op, const int64_t* __restrict__ t, int64_t T, con
                             int64_t per4) {
   const int64_t n = blockIdx.y;
   const auto p = op.params(checked_timestep(t, n, T));
-  const bool draw = kDraw;
   const bool make_noise = kDraw && op.noisy(p);
   const uint64_t seed = kDraw ? static_cast<uint64_t>(rng[0]) : 0;
   const uint64_t offset = kDraw ? static_cast<uint64_t>(rng[1]) : 0;
@@ -117,7 +116,7 @@ __global__ void rows_kernel(Op op, const int64_t* __restrict__ t, int64_t T, con
     const int64_t blk = n * per4 + j;
     float noise[4] = {0.f, 0.f, 0.f, 0.f};
     if (make_noise) normal4(static_cast<uint64_t>(blk), offset, seed, noise);
-    op.apply4(blk * 4, draw, noise, p);
+    op.apply4(blk * 4, kDraw, noise, p);
   }
 }
 

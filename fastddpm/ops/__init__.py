@@ -25,9 +25,7 @@ from .memory_pool import cpu_memory_pool
 from .philox import PhiloxState, philox_normal
 
 __all__ = ["BACKENDS", "CUDA_PREFERENCE", "PhiloxState", "auto_backend", "available_backends", "cpu_memory_pool",
-           "ddpm_step",
-           "group_norm_act",
-           "native_status", "philox_normal", "q_sample", "triton_status", "use_backend"]
+           "ddpm_step", "group_norm_act", "native_status", "philox_normal", "q_sample", "triton_status", "use_backend"]
 
 BACKENDS = {"reference": reference}
 if _native.AVAILABLE:

@@ -8,6 +8,8 @@ device (an in-place add), so a captured CUDA graph draws fresh noise on every re
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -41,10 +43,7 @@ class PhiloxState:
         state on the host: for a start value, not for a loop)."""
         seed, offset = self.tensor.tolist()
         self.advance()
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        return philox_normal(numel, seed, offset, device=self.device).reshape(tuple(shape))
+        return philox_normal(math.prod(int(s) for s in shape), seed, offset, device=self.device).reshape(tuple(shape))
 
     def __repr__(self) -> str:
         seed, offset = self.tensor.tolist()
