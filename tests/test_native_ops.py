@@ -186,6 +186,16 @@ def test_in_kernel_noise_matches_the_python_philox_oracle():
     assert torch.equal(z.float(), philox_normal(4099, 99, 5))  # same float32 operations: same bits
 
 
+@pytest.mark.parametrize("shape", [(5, 13, 7), (3, 4096 + 37), (2, 70001), (1, 63)])
+def test_in_kernel_noise_is_the_oracle_stream_whatever_the_split(shape):
+    # odd per-sample sizes start segments mid-block; long rows cross the 16-block vector groups,
+    # the 256-block chunks and the 4096-element pieces of the kernel (AVX-512 and portable paths)
+    numel = math.prod(shape)
+    t = torch.zeros(shape[0], dtype=torch.long)
+    _, z = ops.q_sample(torch.zeros(shape), t, NOISING, rng=PhiloxState(7, offset=3), backend="native")
+    assert torch.equal(z.flatten(), philox_normal(numel, 7, 3))
+
+
 def test_noise_approximations_are_accurate():
     u = torch.linspace(1e-7, 1.0, 100001)
     from fastddpm.ops.philox import _noise_log, _noise_sincos_2pi

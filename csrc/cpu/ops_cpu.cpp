@@ -13,6 +13,7 @@
 #include "fastddpm/checks.h"
 #include "fastddpm/elementwise.h"
 #include "isa.h"
+#include "philox_avx512.h"
 #include "silu_avx512.h"
 
 namespace fastddpm {
@@ -36,7 +37,8 @@ constexpr int64_t kChunk = 256;  // Philox blocks per batch: 4 KiB of normals, s
 // Normals of Philox blocks [first, first + count), count <= kChunk, into out[4 * count]: the same
 // normal4() arithmetic, split into flat structure-of-arrays loops so the compiler vectorizes each
 // (needs -fno-trapping-math); cloned per ISA and picked at load time.
-FDDPM_ISA_CLONES void philox_blocks(int64_t first, int64_t count, uint64_t seed, uint64_t offset, float* out) {
+FDDPM_ISA_CLONES void philox_blocks_portable(int64_t first, int64_t count, uint64_t seed, uint64_t offset,
+                                             float* out) {
   uint32_t r[4][kChunk];
   for (int64_t k = 0; k < count; ++k) {
     const U32x4 v = philox4x32_10(static_cast<uint64_t>(first + k), offset, seed);
@@ -50,6 +52,19 @@ FDDPM_ISA_CLONES void philox_blocks(int64_t first, int64_t count, uint64_t seed,
     for (int64_t k = 0; k < count; ++k) normal_pair(r[2 * j][k], r[2 * j + 1][k], z[2 * j][k], z[2 * j + 1][k]);
   for (int64_t k = 0; k < count; ++k)
     for (int j = 0; j < 4; ++j) out[4 * k + j] = z[j][k];
+}
+
+void philox_blocks(int64_t first, int64_t count, uint64_t seed, uint64_t offset, float* out) {
+#ifdef FASTDDPM_HAVE_AVX512_PHILOX
+  if (cpu_has_avx512()) {
+    int64_t k = 0;
+    for (; k + 16 <= count; k += 16) philox_normals64_avx512(first + k, offset, seed, out + 4 * k);
+    first += k;
+    count -= k;
+    out += 4 * k;
+  }
+#endif
+  if (count > 0) philox_blocks_portable(first, count, seed, offset, out);
 }
 
 // Fill z[0 .. hi - lo) with the normals of global elements [lo, hi) of stream (seed, offset).
@@ -138,8 +153,13 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const a
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
       for_each_sample_segment(begin, end, per, [&](int64_t b, int64_t lo, int64_t hi) {
         const acc_t a = tab[2 * tp[b]], s = tab[2 * tp[b] + 1];
-        if (draw) philox_normals(lo, hi, seed, offset, np + lo);
-        dispatch_noising_row<scalar_t, acc_t>(xp + lo, np + lo, op + lo, hi - lo, a, s);
+        // in L1-sized pieces, so the noise just drawn is read back from cache
+        constexpr int64_t kSub = 4096;
+        for (int64_t sub = lo; sub < hi; sub += kSub) {
+          const int64_t n = std::min(kSub, hi - sub);
+          if (draw) philox_normals(sub, sub + n, seed, offset, np + sub);
+          dispatch_noising_row<scalar_t, acc_t>(xp + sub, np + sub, op + sub, n, a, s);
+        }
       });
     });
   });

@@ -10,6 +10,7 @@
 // "may be used uninitialized" at every inlined call: a false positive, silenced for this header.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <cstdint>

@@ -4,6 +4,7 @@
 #include <cstdlib>
 
 #include "fastddpm/elementwise.h"
+#include "../cpu/philox_avx512.h"
 
 using namespace fastddpm;
 
@@ -69,7 +70,31 @@ static void test_step_and_noising_formulas() {
   EXPECT(silu(200.f) == 200.f);
 }
 
+// The AVX-512 generator gives normal4()'s bits, also where a 16-block group crosses 2^32 blocks
+// (the counter's carry into its high word).
+static void test_avx512_normals_equal_the_portable_ones() {
+#ifdef FASTDDPM_HAVE_AVX512_PHILOX
+  if (!__builtin_cpu_supports("avx512f")) {
+    std::printf("test_elementwise: no AVX-512 on this CPU, its generator not run\n");
+    return;
+  }
+  const uint64_t starts[] = {0, 16 * 977, (uint64_t(1) << 32) - 8, (uint64_t(3) << 40) + 5};
+  const uint64_t offsets[] = {0, 12345678901};
+  for (uint64_t first : starts)
+    for (uint64_t offset : offsets) {
+      float fast[64];
+      philox_normals64_avx512(first, offset, 0x243F6A8885A308D3ull, fast);
+      for (int k = 0; k < 16; ++k) {
+        float z[4];
+        normal4(first + k, offset, 0x243F6A8885A308D3ull, z);
+        for (int j = 0; j < 4; ++j) EXPECT(float_bits(fast[4 * k + j]) == float_bits(z[j]));
+      }
+    }
+#endif
+}
+
 int main() {
+  test_avx512_normals_equal_the_portable_ones();
   test_philox_known_answers();
   test_normals_are_finite_and_standard();
   test_step_and_noising_formulas();
