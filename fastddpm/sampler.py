@@ -29,6 +29,12 @@ from .utils import resolve_device, same_device
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Inductor settings for the default compile mode on the CPU, applied while the model compiles:
+# freezing folds the weights into constants, so oneDNN gets them prepacked and fuses the bias,
+# SiLU and residual adds into the convolutions; the C++ wrapper calls the kernels without a
+# Python frame each. Measured on the mnist U-Net, batch 16 (2 cores): 40 -> 37.8 ms a step.
+# (``torch.compile(options={"freezing": True})`` does not reach the freezing pass in torch 2.14.)
+CPU_INDUCTOR_CONFIG: Dict[str, object] = {"freezing": True, "cpp_wrapper": True}
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -56,7 +62,9 @@ class Sampler:
             state x stays float32.
         channels_last: run the model on channels_last tensors (an ``nn.Module`` is converted in
             place, as ``model.to(memory_format=...)`` does).
-        compile: ``torch.compile`` the model (True or a mode name).
+        compile: ``torch.compile`` the model (True or a mode name). On the CPU the default mode
+            freezes the weights (:data:`CPU_INDUCTOR_CONFIG`): later changes to the model's
+            parameters do not reach this sampler; build a new one after training further.
         cuda_graph: capture steps as CUDA graphs and replay them (CUDA only).
         graph_steps: steps per captured graph (K); ``S`` steps replay ``S // K`` graphs and capture
             one more for a remainder.
@@ -109,6 +117,7 @@ class Sampler:
         self.x = torch.empty(self.shape, device=self.device).contiguous(memory_format=fmt)
         self.z = torch.empty(self.shape, device=self.device)
         self.zeros = torch.zeros_like(self.x)
+        self._inductor_config: Optional[Dict[str, object]] = None
         self.model = self._prepare_model(model, compile)
         # The op backends, fixed here, since captured graphs must run the kernels their warm-up ran
         # (on CUDA "auto" picks Triton under capture, native eagerly). Inside the model: the fused
@@ -130,8 +139,7 @@ class Sampler:
         if self.cuda_graph:  # our graphs capture the whole step: no cudagraphs nested inside them
             mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
         if mode is None and self.device.type == "cpu":
-            # freezing: weights become constants, prepacked for oneDNN (measured 1.5x on the mnist U-Net)
-            return torch.compile(model, dynamic=False, options={"freezing": True})
+            self._inductor_config = CPU_INDUCTOR_CONFIG
         return torch.compile(model, mode=mode, dynamic=False)
 
     def _autocast(self):
@@ -140,7 +148,10 @@ class Sampler:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _model_out(self, t_model: torch.Tensor) -> torch.Tensor:
-        with ops.use_backend(self.model_ops):
+        # Inductor reads its config when it compiles, on the first call (and any recompile)
+        config = torch._inductor.config.patch(self._inductor_config) if self._inductor_config else \
+            contextlib.nullcontext()
+        with ops.use_backend(self.model_ops), config:
             m = self.model(self.x, t_model)
         return m if m.dtype == self.x.dtype else m.to(self.x.dtype)
 

@@ -63,6 +63,22 @@ def test_compiled_sampler_equals_the_reference(tiny_unet, short_schedule):
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)  # Inductor reorders float sums
 
 
+def test_compiled_cpu_sampler_freezes_the_weights(tiny_unet, short_schedule):
+    # the default CPU compile mode folds the weights into the compiled model (documented on
+    # Sampler): a parameter changed after the first run does not reach it, while eager sees it
+    # (winograd=False: the Winograd rewrite would run a copy of the model in both)
+    torch._dynamo.reset()
+    coeffs = short_schedule.table("step", "cpu", sampler="ddpm", variance="fixed_large")
+    compiled = Sampler(tiny_unet, short_schedule, coeffs, (2, 1, 8, 8), compile=True, winograd=False)
+    eager = Sampler(tiny_unet, short_schedule, coeffs, (2, 1, 8, 8), winograd=False)
+    run = lambda s: s.run(generator=torch.Generator().manual_seed(3))  # noqa: E731
+    before, eager_before = run(compiled), run(eager)
+    with torch.no_grad():
+        tiny_unet.conv_out.weight.add_(0.5)
+    assert torch.equal(run(compiled), before)
+    assert not torch.allclose(run(eager), eager_before)
+
+
 def test_bfloat16_samples_stay_close_to_float32(tiny_unet, short_schedule):
     ddpm = DDPM(tiny_unet, short_schedule)
     diff = (_fast(ddpm, dtype="bfloat16") - _fast(ddpm)).abs()
