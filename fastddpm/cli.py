@@ -48,7 +48,7 @@ def cmd_sample(args) -> int:
     x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
                clip=not args.no_clip, eta=args.eta, seed=args.seed, device=args.device,
                batch_size=args.batch_size, progress=not args.quiet, noise=args.noise, dtype=args.dtype,
-               compile=args.compile, cuda_graph=args.cuda_graph, graph_steps=args.graph_steps,
+               compile=args.compile, freeze=args.freeze, cuda_graph=args.cuda_graph, graph_steps=args.graph_steps,
                channels_last=args.channels_last, winograd=args.winograd)
     save_grid(x, args.out, scale=args.scale)
     if args.npy:
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="U-Net compute dtype (autocast)")
     s.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    s.add_argument("--freeze", action="store_true",
+                   help="with --compile: fold the weights into the compiled U-Net (faster steps, uncached compile)")
     s.add_argument("--cuda-graph", action="store_true", help="replay captured CUDA graphs (needs --noise philox)")
     s.add_argument("--graph-steps", type=int, default=1, help="steps per captured CUDA graph")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,

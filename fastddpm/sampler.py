@@ -15,6 +15,7 @@ in float32; without one, the step kernel draws counter-based Philox noise from a
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -30,11 +31,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Inductor settings for the default compile mode on the CPU, applied while the model compiles:
-# freezing folds the weights into constants, so oneDNN gets them prepacked and fuses the bias,
-# SiLU and residual adds into the convolutions; the C++ wrapper calls the kernels without a
-# Python frame each. Measured on the mnist U-Net, batch 16 (2 cores): 40 -> 37.8 ms a step.
-# (``torch.compile(options={"freezing": True})`` does not reach the freezing pass in torch 2.14.)
-CPU_INDUCTOR_CONFIG: Dict[str, object] = {"freezing": True, "cpp_wrapper": True}
+# the C++ wrapper calls the kernels without a Python frame each (measured ~10% of an mnist step
+# here, and it keeps Inductor's on-disk cache).
+CPU_INDUCTOR_CONFIG: Dict[str, object] = {"cpp_wrapper": True}
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -45,6 +44,14 @@ def resolve_dtype(dtype) -> torch.dtype:
         return DTYPES[dtype]
     raise ValueError(f"dtype: expected one of {sorted(set(DTYPES))} or the torch dtypes float32/bfloat16/"
                      f"float16, got {dtype!r}")
+
+
+
+def _compile_frozen(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """Inductor, as the backend of frozen models only (see ``Sampler(freeze=True)``)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
 
 
 class Sampler:
@@ -62,9 +69,12 @@ class Sampler:
             state x stays float32.
         channels_last: run the model on channels_last tensors (an ``nn.Module`` is converted in
             place, as ``model.to(memory_format=...)`` does).
-        compile: ``torch.compile`` the model (True or a mode name). On the CPU the default mode
-            freezes the weights (:data:`CPU_INDUCTOR_CONFIG`): later changes to the model's
-            parameters do not reach this sampler; build a new one after training further.
+        compile: ``torch.compile`` the model (True or a mode name).
+        freeze: with ``compile``, fold the weights into the compiled model (Inductor's freezing):
+            on the CPU oneDNN then gets prepacked weights and fuses bias, SiLU and residual adds
+            into the convolutions (mnist U-Net step here: ~8% faster). The cost: a compile that
+            Inductor cannot cache (~20-30 s for the mnist U-Net on 2 cores, every new sampler),
+            and later changes to the model's weights do not reach this sampler.
         cuda_graph: capture steps as CUDA graphs and replay them (CUDA only).
         graph_steps: steps per captured graph (K); ``S`` steps replay ``S // K`` graphs and capture
             one more for a remainder.
@@ -79,13 +89,17 @@ class Sampler:
     def __init__(self, model: Callable, schedule: Schedule, coeffs: torch.Tensor, shape: Sequence[int], *,
                  clip: Optional[float] = 1.0, device="cpu", dtype=torch.float32, channels_last: bool = False,
                  compile=False, cuda_graph: bool = False, graph_steps: int = 1, memory_pool: bool = True,
-                 winograd: Optional[bool] = None):
+                 winograd: Optional[bool] = None, freeze: bool = False):
         self.device = resolve_device(device)
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 4 or min(self.shape) < 1:
             raise ValueError(f"shape: expected (B, C, H, W) of positive sizes, got {tuple(shape)}")
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile: expected one of {COMPILE_MODES}, got {compile!r}")
+        if freeze and (compile is False or not isinstance(model, torch.nn.Module)):
+            raise ValueError(f"freeze: folds the weights of an nn.Module into its compiled model; it needs "
+                             f"compile=True (or a mode) and an nn.Module, got compile={compile!r} and "
+                             f"{type(model).__name__}")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, got {self.device}")
         if not isinstance(graph_steps, int) or graph_steps < 1:
@@ -118,7 +132,7 @@ class Sampler:
         self.z = torch.empty(self.shape, device=self.device)
         self.zeros = torch.zeros_like(self.x)
         self._inductor_config: Optional[Dict[str, object]] = None
-        self.model = self._prepare_model(model, compile)
+        self.model = self._prepare_model(model, compile, freeze)
         # The op backends, fixed here, since captured graphs must run the kernels their warm-up ran
         # (on CUDA "auto" picks Triton under capture, native eagerly). Inside the model: the fused
         # kernels; under torch.compile the reference ops, which Inductor fuses with their
@@ -128,7 +142,7 @@ class Sampler:
         self._graphs: Dict[Tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
     # ------------------------------------------------------------------------------- the step
-    def _prepare_model(self, model, compile):
+    def _prepare_model(self, model, compile, freeze):
         if self.winograd:
             model = with_winograd_convs(model)
         if isinstance(model, torch.nn.Module) and self.channels_last:
@@ -138,8 +152,16 @@ class Sampler:
         mode = None if compile in (True, "default") else compile
         if self.cuda_graph:  # our graphs capture the whole step: no cudagraphs nested inside them
             mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
-        if mode is None and self.device.type == "cpu":
-            self._inductor_config = CPU_INDUCTOR_CONFIG
+        # Inductor settings go through config.patch around each call (see _model_out):
+        # torch.compile(options={"freezing": True}) does not reach the freezing pass in torch 2.14
+        config = dict(CPU_INDUCTOR_CONFIG) if mode is None and self.device.type == "cpu" else {}
+        if freeze:
+            config.update(torch._inductor.list_mode_options(mode) if mode else {}, freezing=True)
+            self._inductor_config = config
+            # a snapshot, compiled by a backend of its own: dynamo's BACKEND_MATCH guard then never
+            # hands this graph (weights baked in) to another compile of the model, or the reverse
+            return torch.compile(copy.deepcopy(model), backend=_compile_frozen, dynamic=False)
+        self._inductor_config = config or None
         return torch.compile(model, mode=mode, dynamic=False)
 
     def _autocast(self):

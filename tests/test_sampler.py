@@ -63,20 +63,29 @@ def test_compiled_sampler_equals_the_reference(tiny_unet, short_schedule):
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)  # Inductor reorders float sums
 
 
-def test_compiled_cpu_sampler_freezes_the_weights(tiny_unet, short_schedule):
-    # the default CPU compile mode folds the weights into the compiled model (documented on
-    # Sampler): a parameter changed after the first run does not reach it, while eager sees it
-    # (winograd=False: the Winograd rewrite would run a copy of the model in both)
+def test_freeze_folds_the_weights_into_the_compiled_model(tiny_unet, short_schedule):
+    # frozen: the weights become constants of the compiled code, and later changes to the model
+    # reach the eager, the plain compiled and newly frozen samplers only (whichever compiled first:
+    # dynamo must never hand a frozen graph to another compile, nor the plain graph to a frozen one)
+    from torch._inductor.utils import run_and_get_code
+
     torch._dynamo.reset()
     coeffs = short_schedule.table("step", "cpu", sampler="ddpm", variance="fixed_large")
-    compiled = Sampler(tiny_unet, short_schedule, coeffs, (2, 1, 8, 8), compile=True, winograd=False)
-    eager = Sampler(tiny_unet, short_schedule, coeffs, (2, 1, 8, 8), winograd=False)
+    make = lambda **o: Sampler(tiny_unet, short_schedule, coeffs, (2, 1, 8, 8), winograd=False, **o)  # noqa: E731
     run = lambda s: s.run(generator=torch.Generator().manual_seed(3))  # noqa: E731
-    before, eager_before = run(compiled), run(eager)
+    compiled, frozen, eager = make(compile=True), make(compile=True, freeze=True), make()
+    before_compiled = run(compiled)
+    before_frozen, codes = run_and_get_code(run, frozen)
+    assert any("_frozen_param" in code for code in codes)  # Inductor's freezing pass ran
+    later_compiled = make(compile=True)  # compiled after the frozen one
     with torch.no_grad():
         tiny_unet.conv_out.weight.add_(0.5)
-    assert torch.equal(run(compiled), before)
-    assert not torch.allclose(run(eager), eager_before)
+    after_eager = run(eager)
+    assert not torch.allclose(after_eager, before_compiled, rtol=1e-3, atol=1e-3)
+    for s in (compiled, later_compiled):
+        torch.testing.assert_close(run(s), after_eager, rtol=1e-4, atol=1e-4)
+    assert torch.equal(run(frozen), before_frozen)
+    torch.testing.assert_close(run(make(compile=True, freeze=True)), after_eager, rtol=1e-4, atol=1e-4)  # a new one
 
 
 def test_bfloat16_samples_stay_close_to_float32(tiny_unet, short_schedule):
@@ -163,6 +172,7 @@ def test_one_step_compiles_into_one_graph(tiny_unet, short_schedule):
     (dict(noise="gaussian"), "noise: expected 'generator' or 'philox'"),
     (dict(noise="philox", generator=torch.Generator()), "generator: not used with noise='philox'"),
     (dict(graph_steps=0, noise="philox"), "graph_steps: expected a positive int"),
+    (dict(freeze=True), "freeze: folds the weights of an nn.Module into its compiled model"),
 ])
 def test_sampler_options_are_validated(tiny_unet, short_schedule, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -74,15 +74,19 @@ def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
         cl, direct = {"channels_last": True}, {"winograd": False}
         variants = [(f"eager fp32, channels_last{wino}", cl, 1e-3),
                     (f"compiled fp32, channels_last{wino}", {"compile": True, **cl}, 1e-3)]
-        if steps >= 1000:  # the long run: the fastest fp32 variant only; 1000 clipped steps amplify
-            variants = [(f"compiled fp32, channels_last{wino}", {"compile": True, **cl}, 1e-2)]
+        frozen = (f"compiled fp32, channels_last{wino}, frozen weights", {"compile": True, "freeze": True, **cl})
+        if steps >= 1000:  # the long run: the fastest fp32 variants only; 1000 clipped steps amplify
+            variants = [(f"compiled fp32, channels_last{wino}", {"compile": True, **cl}, 1e-2), (*frozen, 1e-2)]
         elif preset == "cifar10" or not quick:
-            variants += [("eager fp32, NCHW, direct convs", direct, 1e-4),
+            variants += [(*frozen, 1e-3),
+                         ("eager fp32, NCHW, direct convs", direct, 1e-4),
                          ("compiled fp32, NCHW, direct convs", {"compile": True, **direct}, 1e-3),
                          (f"compiled fp32, channels_last{wino}, no memory pool",
                           {"compile": True, **cl, "memory_pool": False}, 1e-3),
                          ("eager bf16, channels_last", {"dtype": "bfloat16", **cl}, None),
-                         ("compiled bf16, channels_last", {"dtype": "bfloat16", "compile": True, **cl}, None)]
+                         ("compiled bf16, channels_last", {"dtype": "bfloat16", "compile": True, **cl}, None),
+                         ("compiled bf16, channels_last, frozen weights",
+                          {"dtype": "bfloat16", "compile": True, "freeze": True, **cl}, None)]
         torch._dynamo.reset()
         fns, errs = {"reference": ref_fn}, {}
         for name, options, tol in variants:
