@@ -188,6 +188,8 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
     big_run("CUDA graph bf16", {"dtype": "bfloat16", "cuda_graph": True})
     big_run("compiled + CUDA graph bf16 channels_last", {"dtype": "bfloat16", "cuda_graph": True,
                                                          "channels_last": True, "compile": True})
+    big_run("compiled, frozen weights + CUDA graph bf16 channels_last",
+            {"dtype": "bfloat16", "cuda_graph": True, "channels_last": True, "compile": True, "freeze": True})
     return rows
 
 
