@@ -55,9 +55,10 @@ def test_ddim_eta_one_with_all_steps_equals_ancestral_fixed_small(tiny_unet, sho
                                rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_sampler_equals_the_reference(tiny_unet, short_schedule):
+@pytest.mark.parametrize("freeze", [False, True])
+def test_compiled_sampler_equals_the_reference(tiny_unet, short_schedule, freeze):
     torch._dynamo.reset()
-    fast = _fast(DDPM(tiny_unet, short_schedule), compile=True)
+    fast = _fast(DDPM(tiny_unet, short_schedule), compile=True, freeze=freeze)
     ref = reference_sample(tiny_unet, short_schedule, (3, 1, 8, 8), clip=True,
                            generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)  # Inductor reorders float sums

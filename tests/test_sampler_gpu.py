@@ -43,6 +43,14 @@ def test_cuda_graph_replay_equals_eager(model, graph_steps):
     assert state.tensor.tolist() == [5, 19]  # one draw per noisy step (all but the last)
 
 
+def test_frozen_compiled_graph_equals_eager(model):
+    torch._dynamo.reset()
+    x_T = torch.randn(4, 1, 8, 8, device="cuda")
+    eager = _sampler(model).run(rng=PhiloxState(5, device="cuda"), x_T=x_T)
+    frozen = _sampler(model, compile=True, freeze=True, cuda_graph=True, graph_steps=5)
+    torch.testing.assert_close(frozen.run(rng=PhiloxState(5, device="cuda"), x_T=x_T), eager, rtol=1e-4, atol=1e-4)
+
+
 def test_replays_draw_fresh_noise(model):
     sampler = _sampler(model, cuda_graph=True, graph_steps=5)
     x_T = torch.randn(4, 1, 8, 8, device="cuda")
