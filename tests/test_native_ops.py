@@ -346,3 +346,18 @@ def test_strided_timesteps_are_read_correctly():
                        reference.ddpm_step(x, m, t.contiguous(), c, z))
     assert torch.equal(ops.q_sample(x, t, NOISING, z, backend="native")[0],
                        reference.q_sample(x, t.contiguous(), NOISING, z)[0])
+
+
+@pytest.mark.parametrize("dtype,picked", [(torch.float32, "native"), (torch.bfloat16, "reference"),
+                                          (torch.float16, "reference")])
+def test_auto_group_norm_act_on_cpu_picks_by_dtype(dtype, picked):
+    # native where its kernel is vectorized (float32), the reference in bf16/fp16 (measured faster);
+    # a forced backend still wins
+    x = torch.randn(2, 16, 6, 6).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b, temb = torch.randn(16), torch.randn(16), torch.randn(2, 16)
+    run = lambda backend: ops.group_norm_act(x, w, b, 4, 1e-6, temb, backend=backend)  # noqa: E731
+    assert torch.equal(run("auto"), run(picked))
+    with ops.use_backend("auto"):
+        assert torch.equal(run("auto"), run(picked))
+    with ops.use_backend("native"):
+        assert torch.equal(run("auto"), run("native"))
