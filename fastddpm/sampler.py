@@ -72,8 +72,8 @@ class Sampler:
         compile: ``torch.compile`` the model (True or a mode name).
         freeze: with ``compile``, fold the weights into the compiled model (Inductor's freezing):
             on the CPU oneDNN then gets prepacked weights and fuses bias, SiLU and residual adds
-            into the convolutions, and bf16 weights are cast once (mnist sampler here: ~6% faster
-            in fp32, ~14% in bf16). The cost: a compile that Inductor cannot cache (~20-30 s for
+            into the convolutions, and bf16 weights are cast once (mnist sampler here: 6-9% faster
+            in fp32, 11-14% in bf16). The cost: a compile that Inductor cannot cache (~20-30 s for
             the mnist U-Net on 2 cores, every new sampler), and later changes to the model's
             weights do not reach this sampler (it compiles a copy).
         cuda_graph: capture steps as CUDA graphs and replay them (CUDA only).
