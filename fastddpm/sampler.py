@@ -46,7 +46,6 @@ def resolve_dtype(dtype) -> torch.dtype:
                      f"float16, got {dtype!r}")
 
 
-
 def _compile_frozen(gm: torch.fx.GraphModule, example_inputs) -> Callable:
     """Inductor, as the backend of frozen models only (see ``Sampler(freeze=True)``)."""
     from torch._inductor.compile_fx import compile_fx
