@@ -13,7 +13,7 @@
 #include "fastddpm/checks.h"
 #include "fastddpm/elementwise.h"
 #include "isa.h"
-#include "philox_avx512.h"
+#include "philox_simd.h"
 #include "silu_avx512.h"
 
 namespace fastddpm {
@@ -54,17 +54,17 @@ FDDPM_ISA_CLONES void philox_blocks_portable(int64_t first, int64_t count, uint6
     for (int j = 0; j < 4; ++j) out[4 * k + j] = z[j][k];
 }
 
+// The SIMD generator for the running CPU takes whole groups of its width, the portable loop the rest.
 void philox_blocks(int64_t first, int64_t count, uint64_t seed, uint64_t offset, float* out) {
-#ifdef FASTDDPM_HAVE_AVX512_PHILOX
+  int64_t k = 0;
+#ifdef FASTDDPM_HAVE_SIMD_PHILOX
   if (cpu_has_avx512()) {
-    int64_t k = 0;
-    for (; k + 16 <= count; k += 16) philox_normals64_avx512(first + k, offset, seed, out + 4 * k);
-    first += k;
-    count -= k;
-    out += 4 * k;
+    for (; k + avx512::kBlocks <= count; k += avx512::kBlocks) avx512::philox_normals(first + k, offset, seed, out + 4 * k);
+  } else if (cpu_has_avx2()) {
+    for (; k + avx2::kBlocks <= count; k += avx2::kBlocks) avx2::philox_normals(first + k, offset, seed, out + 4 * k);
   }
 #endif
-  if (count > 0) philox_blocks_portable(first, count, seed, offset, out);
+  if (k < count) philox_blocks_portable(first + k, count - k, seed, offset, out + 4 * k);
 }
 
 // Fill z[0 .. hi - lo) with the normals of global elements [lo, hi) of stream (seed, offset).

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "isa.h"
+
 #define FASTDDPM_HAVE_AVX512_ROWS 1
 
 namespace fastddpm {
@@ -72,11 +74,6 @@ __attribute__((target("avx512f"))) void affine_channels_avx512(const float* x, f
                                                     _mm512_maskz_loadu_ps(m, scale + c),
                                                     _mm512_maskz_loadu_ps(m, shift + c)));
   }
-}
-
-inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
 }
 
 }  // namespace fastddpm

@@ -4,7 +4,7 @@
 #include <cstdlib>
 
 #include "fastddpm/elementwise.h"
-#include "../cpu/philox_avx512.h"
+#include "../cpu/philox_simd.h"
 
 using namespace fastddpm;
 
@@ -70,31 +70,72 @@ static void test_step_and_noising_formulas() {
   EXPECT(silu(200.f) == 200.f);
 }
 
-// The AVX-512 generator gives normal4()'s bits, also where a 16-block group crosses 2^32 blocks
-// (the counter's carry into its high word).
-static void test_avx512_normals_equal_the_portable_ones() {
-#ifdef FASTDDPM_HAVE_AVX512_PHILOX
-  if (!__builtin_cpu_supports("avx512f")) {
-    std::printf("test_elementwise: no AVX-512 on this CPU, its generator not run\n");
-    return;
-  }
-  const uint64_t starts[] = {0, 16 * 977, (uint64_t(1) << 32) - 8, (uint64_t(3) << 40) + 5};
+#ifdef FASTDDPM_HAVE_SIMD_PHILOX
+// A SIMD generator (namespace avx2 or avx512) gives normal4()'s bits: whole calls, also where a
+// call's blocks cross 2^32 (the counter's carry into its high word), and normal_pair on edge
+// inputs (0, all ones, the log's sqrt(1/2) branch point, the quadrant boundaries) and on a
+// million pseudo-random pairs.
+template <int kLanes, int kBlocks, typename Normals, typename Pairs>
+static void check_simd_generator(const char* name, Normals philox_normals, Pairs normal_pairs) {
+  const uint64_t starts[] = {0, 16 * 977, (uint64_t(1) << 32) - 8, (uint64_t(1) << 32) - 3, (uint64_t(3) << 40) + 5};
   const uint64_t offsets[] = {0, 12345678901};
+  int before = failures;
   for (uint64_t first : starts)
     for (uint64_t offset : offsets) {
-      float fast[64];
-      philox_normals64_avx512(first, offset, 0x243F6A8885A308D3ull, fast);
-      for (int k = 0; k < 16; ++k) {
+      float fast[4 * kBlocks];
+      philox_normals(first, offset, 0x243F6A8885A308D3ull, fast);
+      for (int k = 0; k < kBlocks; ++k) {
         float z[4];
         normal4(first + k, offset, 0x243F6A8885A308D3ull, z);
         for (int j = 0; j < 4; ++j) EXPECT(float_bits(fast[4 * k + j]) == float_bits(z[j]));
       }
     }
+  const uint32_t edges[] = {0u, 1u, 255u, 256u, 0xffffffffu, 0xfffffeffu, 0x80000000u, 0x7fffffffu,
+                            0x3fffffffu, 0x40000000u, 0xbfffffffu, 0xc0000000u, 0x1fffffffu, 0x20000000u,
+                            0xdfffffffu, 0xe0000000u, 0xb504f300u, 0xb504f400u, 0xb504f2ffu, 0x5a827980u};
+  constexpr int kEdges = sizeof(edges) / sizeof(edges[0]);
+  uint32_t state = 12345u;
+  for (int round = 0; round < (1 << 20) / kLanes + kEdges * kEdges / kLanes + 1; ++round) {
+    uint32_t a[kLanes], b[kLanes];
+    for (int k = 0; k < kLanes; ++k) {
+      const int e = round * kLanes + k;
+      if (e < kEdges * kEdges) {
+        a[k] = edges[e / kEdges];
+        b[k] = edges[e % kEdges];
+      } else {
+        state = state * 1664525u + 1013904223u;
+        a[k] = state;
+        state = state * 1664525u + 1013904223u;
+        b[k] = state;
+      }
+    }
+    float z0[kLanes], z1[kLanes];
+    normal_pairs(a, b, z0, z1);
+    for (int k = 0; k < kLanes; ++k) {
+      float r0, r1;
+      normal_pair(a[k], b[k], r0, r1);
+      EXPECT(float_bits(z0[k]) == float_bits(r0) && float_bits(z1[k]) == float_bits(r1));
+    }
+  }
+  std::printf("test_elementwise: %s generator checked (%s)\n", name, failures == before ? "same bits" : "MISMATCH");
+}
+#endif
+
+static void test_simd_normals_equal_the_portable_ones() {
+#ifdef FASTDDPM_HAVE_SIMD_PHILOX
+  if (cpu_has_avx2())
+    check_simd_generator<avx2::V::kLanes, avx2::kBlocks>("AVX2", avx2::philox_normals, avx2::normal_pairs);
+  else
+    std::printf("test_elementwise: no AVX2 on this CPU, its generator not run\n");
+  if (cpu_has_avx512())
+    check_simd_generator<avx512::V::kLanes, avx512::kBlocks>("AVX-512", avx512::philox_normals, avx512::normal_pairs);
+  else
+    std::printf("test_elementwise: no AVX-512 on this CPU, its generator not run\n");
 #endif
 }
 
 int main() {
-  test_avx512_normals_equal_the_portable_ones();
+  test_simd_normals_equal_the_portable_ones();
   test_philox_known_answers();
   test_normals_are_finite_and_standard();
   test_step_and_noising_formulas();
