@@ -92,3 +92,36 @@ def test_sampler_steps_after_the_first_map_no_new_memory():
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
     assert memory_pool.stats()["hits"] > 100
     assert faults[-1] - faults[0] < 20, faults
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"), reason="no THP")
+def test_large_op_outputs_are_huge_page_backed_outside_the_pool():
+    """The native ops' large outputs come 2 MiB-aligned and MADV_HUGEPAGE (far fewer first-touch
+    faults than 4 KiB pages, where THP is on); small ones and those made inside the pool do not."""
+    from fastddpm import ops
+    from fastddpm.ops import PhiloxState
+
+    table = Schedule.linear().table("noising", "cpu")
+    x0, t = torch.randn(4, 3 * (1 << 20) + 5), torch.tensor([0, 10, 500, 999])  # 48 MiB, odd rows
+    xt, z = ops.q_sample(x0, t, table, rng=PhiloxState(3), backend="native")
+    assert xt.data_ptr() % (2 << 20) == 0 and z.data_ptr() % (2 << 20) == 0
+    assert torch.equal(xt, ops.q_sample(x0, t, table, z, backend="reference")[0])
+    xt.resize_(8, 3 * (1 << 20) + 5)  # the storage stays resizable
+    xt[4:] = 1.0
+    assert torch.equal(xt[:4], ops.q_sample(x0, t, table, z, backend="reference")[0])
+    step = ops.ddpm_step(x0, x0, t, Schedule.linear().table("step", "cpu"), rng=PhiloxState(3), backend="native")
+    gn = ops.group_norm_act(x0[:, :3 << 20].view(4, 3, 1 << 20, 1)[:, :, 1:], None, None, 3, 1e-6, backend="native")
+    assert step.data_ptr() % (2 << 20) == 0 and gn.data_ptr() % (2 << 20) == 0
+    mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    if "[never]" not in mode:
+        before = _minor_faults()
+        ops.q_sample(x0, t, table, rng=PhiloxState(4), backend="native")
+        assert _minor_faults() - before < 48 * 2**20 / 4096 / 4  # far fewer than one per 4 KiB page
+    with cpu_memory_pool():
+        hits = memory_pool.stats()["misses"] + memory_pool.stats()["hits"]
+        ops.q_sample(x0, t, table, rng=PhiloxState(3), backend="native")
+        assert memory_pool.stats()["misses"] + memory_pool.stats()["hits"] >= hits + 2  # the pool served both

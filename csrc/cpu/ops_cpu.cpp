@@ -12,6 +12,7 @@
 
 #include "fastddpm/checks.h"
 #include "fastddpm/elementwise.h"
+#include "huge_pages.h"
 #include "isa.h"
 #include "philox_simd.h"
 #include "silu_avx512.h"
@@ -138,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const a
   check_noise_source(x0_in, noise_in, rng_state);
   const at::Tensor x0 = dense_like(x0_in, x0_in);
   const bool draw = !noise_in.has_value();
-  const at::Tensor noise = draw ? at::empty_like(x0) : dense_like(*noise_in, x0);
-  at::Tensor out = at::empty_like(x0);
+  const at::Tensor noise = draw ? empty_output_like(x0) : dense_like(*noise_in, x0);
+  at::Tensor out = empty_output_like(x0);
   const int64_t numel = x0.numel(), per = numel / std::max<int64_t>(x0.size(0), 1);
   const at::Tensor t_dense = t.contiguous();  // a strided [B] view must not be read as dense
   const int64_t* tp = t_dense.data_ptr<int64_t>();
@@ -211,7 +212,7 @@ void ddpm_step_into(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& m
 at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t, const at::Tensor& coeffs,
                          const c10::optional<at::Tensor>& noise, const c10::optional<at::Tensor>& rng_state,
                          c10::optional<double> clip) {
-  at::Tensor out = at::empty_like(dense_like(x, x));
+  at::Tensor out = empty_output_like(dense_like(x, x));
   ddpm_step_into(out, x, m, t, coeffs, noise, rng_state, clip);
   return out;
 }
@@ -467,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(
   const bool nhwc = x_in.dim() == 4 && !x_in.is_contiguous() &&
                     x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor x = nhwc ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor y = empty_output_like(x);  // x is contiguous or channels_last here
   const auto stat_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({N, groups}, x.options().dtype(stat_type));
   at::Tensor rstd = at::empty({N, groups}, x.options().dtype(stat_type));
