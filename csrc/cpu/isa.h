@@ -7,8 +7,9 @@
 
 namespace fastddpm {
 
+// AVX2 and FMA together (every AVX2 CPU we know of has both; the kernels use both)
 inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
 

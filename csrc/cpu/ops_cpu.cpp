@@ -14,8 +14,7 @@
 #include "fastddpm/elementwise.h"
 #include "huge_pages.h"
 #include "isa.h"
-#include "philox_simd.h"
-#include "silu_avx512.h"
+#include "simd.h"
 
 namespace fastddpm {
 namespace {
@@ -58,7 +57,7 @@ FDDPM_ISA_CLONES void philox_blocks_portable(int64_t first, int64_t count, uint6
 // The SIMD generator for the running CPU takes whole groups of its width, the portable loop the rest.
 void philox_blocks(int64_t first, int64_t count, uint64_t seed, uint64_t offset, float* out) {
   int64_t k = 0;
-#ifdef FASTDDPM_HAVE_SIMD_PHILOX
+#ifdef FASTDDPM_HAVE_SIMD
   if (cpu_has_avx512()) {
     for (; k + avx512::kBlocks <= count; k += avx512::kBlocks) avx512::philox_normals(first + k, offset, seed, out + 4 * k);
   } else if (cpu_has_avx2()) {
@@ -273,25 +272,20 @@ FDDPM_ISA_CLONES float row_sum_f32(const float* x, int64_t n) { return row_sum_l
 FDDPM_ISA_CLONES float row_sq_dev_f32(const float* x, int64_t n, float shift) {
   return row_sq_dev_loop<float, float>(x, n, shift);
 }
-FDDPM_ISA_CLONES void affine_row_f32(const float* x, float* y, int64_t n, float scale, float shift, bool silu_act) {
-#ifdef FASTDDPM_HAVE_AVX512_ROWS
-  if (cpu_has_avx512()) {
-    if (silu_act) affine_row_avx512<true>(x, y, n, scale, shift);
-    else affine_row_avx512<false>(x, y, n, scale, shift);
-    return;
-  }
+// float rows: the hand-vectorized SiLU of the running CPU's ISA, else the compiler's loops
+void affine_row_f32(const float* x, float* y, int64_t n, float scale, float shift, bool silu_act) {
+#ifdef FASTDDPM_HAVE_SIMD
+  if (cpu_has_avx512()) return avx512::affine_row(x, y, n, scale, shift, silu_act);
+  if (cpu_has_avx2()) return avx2::affine_row(x, y, n, scale, shift, silu_act);
 #endif
   if (silu_act) affine_row_loop<true, float, float>(x, y, n, scale, shift);
   else affine_row_loop<false, float, float>(x, y, n, scale, shift);
 }
-FDDPM_ISA_CLONES void affine_channels_f32(const float* x, float* y, int64_t n, const float* scale,
-                                          const float* shift, bool silu_act) {
-#ifdef FASTDDPM_HAVE_AVX512_ROWS
-  if (cpu_has_avx512()) {
-    if (silu_act) affine_channels_avx512<true>(x, y, n, scale, shift);
-    else affine_channels_avx512<false>(x, y, n, scale, shift);
-    return;
-  }
+void affine_channels_f32(const float* x, float* y, int64_t n, const float* scale, const float* shift,
+                         bool silu_act) {
+#ifdef FASTDDPM_HAVE_SIMD
+  if (cpu_has_avx512()) return avx512::affine_channels(x, y, n, scale, shift, silu_act);
+  if (cpu_has_avx2()) return avx2::affine_channels(x, y, n, scale, shift, silu_act);
 #endif
   if (silu_act) affine_channels_loop<true, float, float>(x, y, n, scale, shift);
   else affine_channels_loop<false, float, float>(x, y, n, scale, shift);

@@ -4,7 +4,7 @@
 #include <cstdlib>
 
 #include "fastddpm/elementwise.h"
-#include "../cpu/philox_simd.h"
+#include "../cpu/simd.h"
 
 using namespace fastddpm;
 
@@ -70,7 +70,7 @@ static void test_step_and_noising_formulas() {
   EXPECT(silu(200.f) == 200.f);
 }
 
-#ifdef FASTDDPM_HAVE_SIMD_PHILOX
+#ifdef FASTDDPM_HAVE_SIMD
 // A SIMD generator (namespace avx2 or avx512) gives normal4()'s bits: whole calls, also where a
 // call's blocks cross 2^32 (the counter's carry into its high word), and normal_pair on edge
 // inputs (0, all ones, the log's sqrt(1/2) branch point, the quadrant boundaries) and on a
@@ -121,21 +121,49 @@ static void check_simd_generator(const char* name, Normals philox_normals, Pairs
 }
 #endif
 
-static void test_simd_normals_equal_the_portable_ones() {
-#ifdef FASTDDPM_HAVE_SIMD_PHILOX
-  if (cpu_has_avx2())
+// A SIMD apply row (both shapes, SiLU or none, every tail length) against double precision.
+template <typename Row, typename Channels>
+static void check_simd_affine_rows(const char* name, Row affine_row, Channels affine_channels) {
+  const int before = failures;
+  float x[67], y[67], scale[67], shift[67];
+  for (int n = 1; n <= 67; n += 3)
+    for (int act = 0; act < 2; ++act) {
+      for (int i = 0; i < n; ++i) {
+        x[i] = -95.0f + 190.0f * static_cast<float>(i) / static_cast<float>(n);  // both saturations
+        scale[i] = 0.5f + 0.01f * static_cast<float>(i);
+        shift[i] = 0.25f - 0.02f * static_cast<float>(i);
+      }
+      const auto expect = [&](int i, double s, double b) {
+        const double v = static_cast<double>(x[i]) * s + b, want = act ? v / (1.0 + std::exp(-v)) : v;
+        EXPECT(std::fabs(y[i] - want) <= 1e-6 * (1.0 + std::fabs(want)));
+      };
+      affine_row(x, y, n, 0.75f, -0.5f, act == 1);
+      for (int i = 0; i < n; ++i) expect(i, 0.75, -0.5);
+      affine_channels(x, y, n, scale, shift, act == 1);
+      for (int i = 0; i < n; ++i) expect(i, scale[i], shift[i]);
+    }
+  std::printf("test_elementwise: %s SiLU rows checked (%s)\n", name, failures == before ? "ok" : "WRONG");
+}
+
+static void test_simd_kernels() {
+#ifdef FASTDDPM_HAVE_SIMD
+  if (cpu_has_avx2()) {
     check_simd_generator<avx2::V::kLanes, avx2::kBlocks>("AVX2", avx2::philox_normals, avx2::normal_pairs);
-  else
-    std::printf("test_elementwise: no AVX2 on this CPU, its generator not run\n");
-  if (cpu_has_avx512())
+    check_simd_affine_rows("AVX2", avx2::affine_row, avx2::affine_channels);
+  } else {
+    std::printf("test_elementwise: no AVX2 + FMA on this CPU, its kernels not run\n");
+  }
+  if (cpu_has_avx512()) {
     check_simd_generator<avx512::V::kLanes, avx512::kBlocks>("AVX-512", avx512::philox_normals, avx512::normal_pairs);
-  else
-    std::printf("test_elementwise: no AVX-512 on this CPU, its generator not run\n");
+    check_simd_affine_rows("AVX-512", avx512::affine_row, avx512::affine_channels);
+  } else {
+    std::printf("test_elementwise: no AVX-512 on this CPU, its kernels not run\n");
+  }
 #endif
 }
 
 int main() {
-  test_simd_normals_equal_the_portable_ones();
+  test_simd_kernels();
   test_philox_known_answers();
   test_normals_are_finite_and_standard();
   test_step_and_noising_formulas();

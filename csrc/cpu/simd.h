@@ -1,12 +1,13 @@
-// Vectorized in-kernel noise for AVX2 (8 Philox blocks at once) and AVX-512 (16): the vector
-// primitives of each instruction set, and the one generator written over them
-// (philox_simd.inc), compiled once per ISA inside that ISA's target region.
+// Hand-vectorized CPU kernels for AVX2 + FMA (8 floats a vector) and AVX-512 (16): the vector
+// primitives of each instruction set, and the kernels written once over them, compiled once per
+// ISA inside that ISA's target region (namespaces fastddpm::avx2 and fastddpm::avx512):
 //
-//   fastddpm::avx2::philox_normals(first, offset, seed, out)    // blocks [first, first + avx2::kBlocks)
-//   fastddpm::avx512::philox_normals(first, offset, seed, out)  // blocks [first, first + avx512::kBlocks)
+//   philox_simd.inc   in-kernel noise: philox_normals(first, offset, seed, out) for kBlocks
+//                     Philox blocks, normal4()'s bits (ctest and the pytest oracle tests check it)
+//   silu_simd.inc     group_norm_act's apply rows: affine_row, affine_channels (SiLU or none)
 //
-// Each gives normal4()'s bits; ctest and the pytest oracle tests check it. Callers pick one with
-// cpu_has_avx512() / cpu_has_avx2() (the extension itself targets baseline x86-64).
+// Callers pick one with cpu_has_avx512() / cpu_has_avx2() (the extension itself targets
+// baseline x86-64).
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -21,13 +22,13 @@
 
 #include "isa.h"
 
-#define FASTDDPM_HAVE_SIMD_PHILOX 1
+#define FASTDDPM_HAVE_SIMD 1
 #define FDDPM_SIMD static inline __attribute__((always_inline))
 
 namespace fastddpm {
 
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 namespace avx2 {
 
 // Masks are float vectors of all-ones / all-zeros lanes, as the AVX2 compares return them.
@@ -40,6 +41,7 @@ struct V {
   FDDPM_SIMD F set1(float v) { return _mm256_set1_ps(v); }
   FDDPM_SIMD I set1i(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
   FDDPM_SIMD I load_i(const uint32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+  FDDPM_SIMD F loadu(const float* p) { return _mm256_loadu_ps(p); }
   FDDPM_SIMD void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
   FDDPM_SIMD I mul_epu32(I a, I b) { return _mm256_mul_epu32(a, b); }
   FDDPM_SIMD I srli64_32(I a) { return _mm256_srli_epi64(a, 32); }
@@ -63,6 +65,17 @@ struct V {
   FDDPM_SIMD F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   FDDPM_SIMD F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   FDDPM_SIMD F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  FDDPM_SIMD F min(F a, F b) { return _mm256_min_ps(a, b); }
+  FDDPM_SIMD F max(F a, F b) { return _mm256_max_ps(a, b); }
+  FDDPM_SIMD F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  FDDPM_SIMD F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+  FDDPM_SIMD F round_nearest(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // a 2^n for integer-valued n in [-126, 127], through the exponent field
+  FDDPM_SIMD F scale_pow2(F a, F n) {
+    return _mm256_mul_ps(a, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                                   _mm256_set1_epi32(127)), 23)));
+  }
+  FDDPM_SIMD F rcp(F a) { return _mm256_rcp_ps(a); }  // ~12 bits
   FDDPM_SIMD M less(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   // lanes where (a & b) == 0
   FDDPM_SIMD M none_of(I a, I b) {
@@ -88,6 +101,7 @@ struct V {
 };
 
 #include "philox_simd.inc"
+#include "silu_simd.inc"
 
 }  // namespace avx2
 #pragma GCC pop_options
@@ -105,6 +119,7 @@ struct V {
   FDDPM_SIMD F set1(float v) { return _mm512_set1_ps(v); }
   FDDPM_SIMD I set1i(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
   FDDPM_SIMD I load_i(const uint32_t* p) { return _mm512_load_si512(p); }
+  FDDPM_SIMD F loadu(const float* p) { return _mm512_loadu_ps(p); }
   FDDPM_SIMD void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
   FDDPM_SIMD I mul_epu32(I a, I b) { return _mm512_mul_epu32(a, b); }
   FDDPM_SIMD I srli64_32(I a) { return _mm512_srli_epi64(a, 32); }
@@ -128,6 +143,13 @@ struct V {
   FDDPM_SIMD F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   FDDPM_SIMD F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   FDDPM_SIMD F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  FDDPM_SIMD F min(F a, F b) { return _mm512_min_ps(a, b); }
+  FDDPM_SIMD F max(F a, F b) { return _mm512_max_ps(a, b); }
+  FDDPM_SIMD F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  FDDPM_SIMD F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  FDDPM_SIMD F round_nearest(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  FDDPM_SIMD F scale_pow2(F a, F n) { return _mm512_scalef_ps(a, n); }  // a 2^n
+  FDDPM_SIMD F rcp(F a) { return _mm512_rcp14_ps(a); }  // ~14 bits
   FDDPM_SIMD M less(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   FDDPM_SIMD M none_of(I a, I b) { return _mm512_testn_epi32_mask(a, b); }
   FDDPM_SIMD F select(M m, F if_false, F if_true) { return _mm512_mask_blend_ps(m, if_false, if_true); }
@@ -151,6 +173,7 @@ struct V {
 };
 
 #include "philox_simd.inc"
+#include "silu_simd.inc"
 
 }  // namespace avx512
 #pragma GCC pop_options
