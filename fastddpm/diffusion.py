@@ -103,6 +103,7 @@ def reference_sample(model: Callable, schedule: Schedule, shape, *, variance: st
     return x
 
 
+@torch.no_grad()
 def reference_ddim_sample(model: Callable, schedule: Schedule, shape, *, eta: float = 0.0, clip: bool = False,
                           direction: str = "rederived", generator: Optional[torch.Generator] = None,
                           device="cpu") -> torch.Tensor:

@@ -12,17 +12,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastddpm import Schedule, UNet  # noqa: E402
-
-
-def randomize_zero_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Re-initialise every all-zero parameter (the zero-initialised output convs) with noise,
-    so that a fresh model's output depends on its input and timestep."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not bool(p.any()):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+from fastddpm.models.unet import randomize_zero_init  # noqa: E402,F401 - tests import it from here
 
 
 @pytest.fixture

@@ -21,24 +21,34 @@ def measure(fn: Callable[[], object], *, rounds: int = 7, warmup: int = 2, devic
     A round repeats ``fn`` until it has run ``min_time`` seconds, so very short calls are timed
     over many iterations.
     """
+    return measure_interleaved({"fn": fn}, rounds=rounds, warmup=warmup, device=device, min_time=min_time)["fn"]
+
+
+def measure_interleaved(fns: Dict[str, Callable[[], object]], *, rounds: int = 7, warmup: int = 2, device="cpu",
+                        min_time: float = 0.0) -> Dict[str, Dict[str, float]]:
+    """:func:`measure` for several functions at once, on the CPU one round of each in turn
+    (A B, A B, ...), so a shared machine's drift (its clock, its neighbours, its bandwidth)
+    falls on all of them alike; returns ``{name: {"median", "min", "max", "rounds"}}``."""
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        return _measure_cuda(fn, rounds=rounds, min_time=max(min_time, 0.02))
-    times = []
-    for _ in range(rounds):
-        n, start = 0, time.perf_counter()
-        while True:
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            n += 1
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        times.append(elapsed / n)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "rounds": rounds}
+    _sync(device)
+    if device.type == "cuda":  # GPU rounds are events around back-to-back calls; they do not drift
+        return {name: _measure_cuda(fn, rounds=rounds, min_time=max(min_time, 0.02)) for name, fn in fns.items()}
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            times[name].append(elapsed / n)
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": rounds}
+            for name, v in times.items()}
 
 
 def copy_bandwidth(nbytes: int, device="cpu", rounds: int = 7) -> float:

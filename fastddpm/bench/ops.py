@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from fastddpm import Schedule, UNet, ops
+from fastddpm.models.unet import randomize_zero_init
 from fastddpm.ops import PhiloxState
 
-from .harness import copy_bandwidth, measure, measure_graphed
+from .harness import copy_bandwidth, measure_graphed, measure_interleaved
 
 
 def _check(fast: torch.Tensor, ref: torch.Tensor, name: str, tol: float):
@@ -89,11 +90,15 @@ def conv_cases(device: torch.device, quick: bool) -> List[Dict]:
 
 
 def unet_cases(device: torch.device, quick: bool) -> List[Dict]:
-    """U-Net forward with fused ops against the same model with reference ops."""
+    """U-Net forward with fused ops against the same model with reference ops; on the CPU, for
+    models with convolutions Winograd rewrites, also the form the CPU sampler runs (channels_last,
+    fused ops and Winograd convolutions) against the reference ops in channels_last."""
+    from fastddpm.models import winograd
+
     cases = []
     for preset, batch in ([("mnist", 16)] if quick else [("mnist", 16), ("cifar10", 16)]):
         torch.manual_seed(0)
-        model = UNet.from_preset(preset).to(device).eval()
+        model = randomize_zero_init(UNet.from_preset(preset)).to(device).eval()  # outputs worth checking
         c, r = model.config.in_channels, model.config.resolution
         x = torch.randn(batch, c, r, r, device=device)
         t = torch.randint(0, 1000, (batch,), device=device)
@@ -104,6 +109,17 @@ def unet_cases(device: torch.device, quick: bool) -> List[Dict]:
 
         cases.append(dict(name=f"UNet {preset} forward, batch {batch}", bytes=None, tol=1e-4,
                           ref=lambda run=run: run("reference"), fast=lambda be, run=run: run(be)))
+        has_winograd_convs = any(winograd.eligible(m, winograd.MIN_CHANNELS) for m in model.modules())
+        if device.type == "cpu" and winograd.available() and has_winograd_convs:
+            cl = torch.channels_last
+            plain = UNet.from_preset(preset).eval().to(memory_format=cl)
+            plain.load_state_dict(model.state_dict())
+            rewritten = winograd.with_winograd_convs(plain)
+            x_cl = x.contiguous(memory_format=cl)
+            cases.append(dict(
+                name=f"UNet {preset} forward, batch {batch}, channels_last, + Winograd convs", bytes=None, tol=1e-4,
+                ref=lambda run=run, m=plain, x=x_cl: run("reference", m, x),
+                fast=lambda be, run=run, m=rewritten, x=x_cl: run(be, m, x)))
     return cases
 
 
@@ -146,19 +162,24 @@ def run(device="cpu", quick=False, rounds=7) -> Dict:
 
 
 def _measure_case(case: Dict, device: torch.device, rounds: int, copies: List[float]) -> List[Dict]:
-    """The reference, the copy baseline and every fast backend of one case."""
+    """The reference, the copy baseline and every fast backend of one case; the reference and the
+    backends are timed in interleaved rounds."""
     rows = []
-    ref = measure(case["ref"], rounds=rounds, device=device)
+    fns = {"reference": case["ref"]}
+    for backend in fast_backends(device):
+        fast_fn = lambda case=case, backend=backend: case["fast"](backend)  # noqa: E731
+        if case["tol"] is not None:
+            _check(fast_fn(), case["ref"](), f"{case['name']} [{backend}]", case["tol"])
+        fns[backend] = fast_fn
+    times = measure_interleaved(fns, rounds=rounds, device=device)
+    ref = times["reference"]
     if case["bytes"]:
         # a plain copy moving the same bytes (half read, half written), timed right here: shared
         # machines' bandwidth drifts during a run, so one copy at the start is not the baseline
         copy_bw = copy_bandwidth(case["bytes"] // 2, device=device, rounds=rounds)
         copies.append(copy_bw)
     for backend in fast_backends(device):
-        fast_fn = lambda case=case, backend=backend: case["fast"](backend)  # noqa: E731
-        if case["tol"] is not None:
-            _check(fast_fn(), case["ref"](), f"{case['name']} [{backend}]", case["tol"])
-        fast = measure(fast_fn, rounds=rounds, device=device)
+        fast, fast_fn = times[backend], fns[backend]
         row = dict(name=f"{case['name']} [{backend}]", backend=backend, ref_s=ref["median"],
                    fast_s=fast["median"], fast_min_s=fast["min"], fast_max_s=fast["max"],
                    speedup=ref["median"] / fast["median"])
@@ -182,7 +203,7 @@ def markdown(result: Dict) -> str:
     """The results as a markdown table."""
     lines = [f"device {result['device']}, torch {result['torch']}, {result['threads']} threads, "
              f"native: {result['native']}, medians of {result['rounds']}; \"copy\": dst.copy_(src) of the "
-             f"same bytes, timed beside each case",
+             f"same bytes, timed beside each case; reference and fast timed in interleaved rounds",
              "", "| case | reference | fast (median) | fast min..max | speed-up | GB/s | copy GB/s | of copy |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

@@ -19,6 +19,7 @@ import torch
 
 from fastddpm import Sampler, Schedule, UNet, ops, reference_sample
 from fastddpm.models import winograd
+from fastddpm.models.unet import randomize_zero_init
 from fastddpm.ops import PhiloxState
 
 from .harness import interleaved_rounds, measure, time_rounds
@@ -26,10 +27,7 @@ from .harness import interleaved_rounds, measure, time_rounds
 
 def _model(preset: str, device) -> UNet:
     torch.manual_seed(0)
-    model = UNet.from_preset(preset).to(device).eval()
-    with torch.no_grad():  # the output conv starts at zero: give it weights so outputs depend on x
-        model.conv_out.weight.normal_(0, 0.02)
-    return model
+    return randomize_zero_init(UNet.from_preset(preset)).to(device).eval()
 
 
 def _timed(fn: Callable[[], torch.Tensor], device, rounds: int) -> Dict[str, float]:
