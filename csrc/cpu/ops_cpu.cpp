@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -482,6 +483,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(
   });
   return {y, mean, rstd};
 }
+
+// The instruction set the hand-vectorized CPU kernels run with on this machine.
+std::string cpu_simd_isa() {
+#ifdef FASTDDPM_HAVE_SIMD
+  if (cpu_has_avx512()) return "avx512";
+  if (cpu_has_avx2()) return "avx2";
+#endif
+  return "portable";
+}
+
+TORCH_LIBRARY_FRAGMENT(fastddpm, m) { m.def("cpu_simd_isa() -> str", &cpu_simd_isa); }
 
 TORCH_LIBRARY_IMPL(fastddpm, CPU, m) {
   m.impl("q_sample", &q_sample_cpu);

@@ -55,7 +55,8 @@ def native_status() -> str:
     """One line on the native extension: what it carries, or why it is unavailable."""
     if not _native.AVAILABLE:
         return f"unavailable ({_native.ERROR})"
-    return "cpu + cuda kernels" if _native.cuda_available() else "cpu kernels"
+    isa = torch.ops.fastddpm.cpu_simd_isa()  # which hand-vectorized CPU path runs here
+    return f"cpu ({isa}) + cuda kernels" if _native.cuda_available() else f"cpu kernels ({isa})"
 
 
 def triton_status() -> str:
