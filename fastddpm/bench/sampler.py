@@ -70,6 +70,8 @@ def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
         # only where the model has such convs (the mnist preset has none)
         wino = ", winograd" if any(winograd.eligible(m, winograd.MIN_CHANNELS) for m in model.modules()) else ""
         cl, direct = {"channels_last": True}, {"winograd": False}
+        # tolerances: the reference steps in float64, the fast sampler in float32, and the model (all
+        # weights random) amplifies the difference step by step: 1.0e-4 was seen after 10 cifar10 steps
         variants = [(f"eager fp32, channels_last{wino}", cl, 1e-3),
                     (f"compiled fp32, channels_last{wino}", {"compile": True, **cl}, 1e-3)]
         frozen = (f"compiled fp32, channels_last{wino}, frozen weights", {"compile": True, "freeze": True, **cl})
@@ -77,7 +79,7 @@ def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
             variants = [(f"compiled fp32, channels_last{wino}", {"compile": True, **cl}, 1e-2), (*frozen, 1e-2)]
         elif preset == "cifar10" or not quick:
             variants += [(*frozen, 1e-3),
-                         ("eager fp32, NCHW, direct convs", direct, 1e-4),
+                         ("eager fp32, NCHW, direct convs", direct, 1e-3),
                          ("compiled fp32, NCHW, direct convs", {"compile": True, **direct}, 1e-3),
                          (f"compiled fp32, channels_last{wino}, no memory pool",
                           {"compile": True, **cl, "memory_pool": False}, 1e-3),
