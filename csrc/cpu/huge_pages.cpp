@@ -24,7 +24,7 @@ class HugePageAllocator final : public c10::Allocator {
     if (nbytes < kMinBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
     const size_t bytes = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
     void* ptr = nullptr;
-    TORCH_CHECK(posix_memalign(&ptr, kHugePage, bytes) == 0 && ptr, "DefaultCPUAllocator: not enough memory: ",
+    TORCH_CHECK(posix_memalign(&ptr, kHugePage, bytes) == 0 && ptr, "fastddpm huge-page allocator: not enough memory: ",
                 "you tried to allocate ", nbytes, " bytes.");
     madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint: where THP is off the block keeps 4 KiB pages
     return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
