@@ -105,6 +105,19 @@ def test_group_norm_act_large_group_in_fp16_is_accurate():
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_group_norm_act_statistics_far_from_zero(kind):
+    """Large means against a unit spread, per-channel temb offsets and long rows: the CPU kernel's
+    one-pass row moments (about a value of each row) must not cancel the way sum x^2 - n mean^2 does."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 64, 48, 40, generator=g) + 1000 + 50 * torch.randn(3, 64, 1, 1, generator=g)
+    temb = 20 * torch.randn(3, 64, generator=g)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    fast = ops.group_norm_act(layout(x, kind), w, b, 16, 1e-6, temb, "silu", backend="native")
+    exact = reference.group_norm_act(x.double(), w.double(), b.double(), 16, 1e-6, temb.double(), "silu")
+    torch.testing.assert_close(fast.double(), exact, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
 def test_group_norm_act_silu_over_the_whole_float_range(kind):
     """The CPU SiLU (a polynomial exp and a Newton reciprocal on AVX-512) is accurate from -88 to
     +88 and saturates cleanly beyond: scale weights push normalized values far out."""

@@ -4,7 +4,8 @@
 //
 //   philox_simd.inc   in-kernel noise: philox_normals(first, offset, seed, out) for kBlocks
 //                     Philox blocks, normal4()'s bits (ctest and the pytest oracle tests check it)
-//   silu_simd.inc     group_norm_act's apply rows: affine_row, affine_channels (SiLU or none)
+//   group_norm_simd.inc  group_norm_act's passes: row_moments, and the apply rows affine_row
+//                     (SiLU or none; optionally gathering another row's moments) and affine_channels
 //
 // Callers pick one with cpu_has_avx512() / cpu_has_avx2() (the extension itself targets
 // baseline x86-64).
@@ -21,6 +22,7 @@
 #include <cstdint>
 
 #include "isa.h"
+#include "row_moments.h"
 
 #define FASTDDPM_HAVE_SIMD 1
 #define FDDPM_SIMD static inline __attribute__((always_inline))
@@ -69,12 +71,7 @@ struct V {
   FDDPM_SIMD F max(F a, F b) { return _mm256_max_ps(a, b); }
   FDDPM_SIMD F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   FDDPM_SIMD F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
-  FDDPM_SIMD F round_nearest(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // a 2^n for integer-valued n in [-126, 127], through the exponent field
-  FDDPM_SIMD F scale_pow2(F a, F n) {
-    return _mm256_mul_ps(a, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                                                   _mm256_set1_epi32(127)), 23)));
-  }
+  FDDPM_SIMD I cvt_nearest(F a) { return _mm256_cvtps_epi32(a); }  // MXCSR's rounding: to nearest
   FDDPM_SIMD F rcp(F a) { return _mm256_rcp_ps(a); }  // ~12 bits
   FDDPM_SIMD M less(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   // lanes where (a & b) == 0
@@ -101,7 +98,7 @@ struct V {
 };
 
 #include "philox_simd.inc"
-#include "silu_simd.inc"
+#include "group_norm_simd.inc"
 
 }  // namespace avx2
 #pragma GCC pop_options
@@ -147,8 +144,7 @@ struct V {
   FDDPM_SIMD F max(F a, F b) { return _mm512_max_ps(a, b); }
   FDDPM_SIMD F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   FDDPM_SIMD F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
-  FDDPM_SIMD F round_nearest(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  FDDPM_SIMD F scale_pow2(F a, F n) { return _mm512_scalef_ps(a, n); }  // a 2^n
+  FDDPM_SIMD I cvt_nearest(F a) { return _mm512_cvtps_epi32(a); }  // MXCSR's rounding: to nearest
   FDDPM_SIMD F rcp(F a) { return _mm512_rcp14_ps(a); }  // ~14 bits
   FDDPM_SIMD M less(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   FDDPM_SIMD M none_of(I a, I b) { return _mm512_testn_epi32_mask(a, b); }
@@ -173,7 +169,7 @@ struct V {
 };
 
 #include "philox_simd.inc"
-#include "silu_simd.inc"
+#include "group_norm_simd.inc"
 
 }  // namespace avx512
 #pragma GCC pop_options

@@ -137,7 +137,7 @@ static void check_simd_affine_rows(const char* name, Row affine_row, Channels af
         const double v = static_cast<double>(x[i]) * s + b, want = act ? v / (1.0 + std::exp(-v)) : v;
         EXPECT(std::fabs(y[i] - want) <= 1e-6 * (1.0 + std::fabs(want)));
       };
-      affine_row(x, y, n, 0.75f, -0.5f, act == 1);
+      affine_row(x, y, n, 0.75f, -0.5f, act == 1, nullptr, nullptr);
       for (int i = 0; i < n; ++i) expect(i, 0.75, -0.5);
       affine_channels(x, y, n, scale, shift, act == 1);
       for (int i = 0; i < n; ++i) expect(i, scale[i], shift[i]);
@@ -145,17 +145,52 @@ static void check_simd_affine_rows(const char* name, Row affine_row, Channels af
   std::printf("test_elementwise: %s SiLU rows checked (%s)\n", name, failures == before ? "ok" : "WRONG");
 }
 
+// A SIMD row's moments, alone and gathered by an apply row, against double precision, for every
+// tail length; the rows sit far from 0 (mean 1000, spread ~1), where sum x^2 - n mean^2 would cancel.
+template <typename Moments, typename Row>
+static void check_simd_row_moments(const char* name, Moments row_moments, Row affine_row) {
+  const int before = failures;
+  float x[67], next[67], y[67];
+  uint32_t state = 12345u;
+  for (int n = 1; n <= 67; ++n) {
+    double s1 = 0, s2 = 0;
+    for (int i = 0; i < n; ++i) {
+      state = state * 1664525u + 1013904223u;
+      next[i] = 1000.0f + static_cast<float>(state >> 8) * 5.9604645e-08f;  // 1000 + [0, 1)
+      x[i] = static_cast<float>(i);
+    }
+    for (int i = 0; i < n; ++i) {
+      const double d = static_cast<double>(next[i]) - next[0];
+      s1 += d;
+      s2 += d * d;
+    }
+    const auto expect = [&](const RowMoments& m) {
+      EXPECT(m.pivot == next[0]);
+      EXPECT(std::fabs(m.s1 - s1) <= 1e-5 * (1.0 + std::fabs(s1)));
+      EXPECT(std::fabs(m.s2 - s2) <= 1e-5 * (1.0 + s2));
+    };
+    expect(row_moments(next, n));
+    RowMoments gathered;
+    affine_row(x, y, n, 2.0f, 1.0f, false, next, &gathered);
+    expect(gathered);
+    for (int i = 0; i < n; ++i) EXPECT(y[i] == 2.0f * x[i] + 1.0f);  // the row itself still written
+  }
+  std::printf("test_elementwise: %s row moments checked (%s)\n", name, failures == before ? "ok" : "WRONG");
+}
+
 static void test_simd_kernels() {
 #ifdef FASTDDPM_HAVE_SIMD
   if (cpu_has_avx2()) {
     check_simd_generator<avx2::V::kLanes, avx2::kBlocks>("AVX2", avx2::philox_normals, avx2::normal_pairs);
     check_simd_affine_rows("AVX2", avx2::affine_row, avx2::affine_channels);
+    check_simd_row_moments("AVX2", avx2::row_moments, avx2::affine_row);
   } else {
     std::printf("test_elementwise: no AVX2 + FMA on this CPU, its kernels not run\n");
   }
   if (cpu_has_avx512()) {
     check_simd_generator<avx512::V::kLanes, avx512::kBlocks>("AVX-512", avx512::philox_normals, avx512::normal_pairs);
     check_simd_affine_rows("AVX-512", avx512::affine_row, avx512::affine_channels);
+    check_simd_row_moments("AVX-512", avx512::row_moments, avx512::affine_row);
   } else {
     std::printf("test_elementwise: no AVX-512 on this CPU, its kernels not run\n");
   }
