@@ -34,11 +34,25 @@ def test_ddpm_equals_the_reference_sampler(tiny_unet, short_schedule, variance, 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("steps", [20, 7])
 def test_ddim_equals_the_reference_ddim(tiny_unet, short_schedule, eta, clip, direction, steps):
+    """The reference DDIM steps in float64, the fast one in float32 (the ddpm_step op); through 20
+    steps of a random-weight U-Net that rounding grows chaotically. Its scale: how far the reference
+    moves when the model's output is nudged by one ulp at every step (up to 9e-6 here, where a
+    wrong coefficient or direction form moves the samples by 1e-2 or more)."""
     fast = _fast(DDPM(tiny_unet, short_schedule), sampler="ddim", eta=eta, clip=clip, ddim_direction=direction,
                  steps=steps)
-    ref = reference_ddim_sample(tiny_unet, short_schedule.respaced(steps), (3, 1, 8, 8), eta=eta, clip=clip,
-                                direction=direction, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+    def reference(model):
+        return reference_ddim_sample(model, short_schedule.respaced(steps), (3, 1, 8, 8), eta=eta, clip=clip,
+                                     direction=direction, generator=torch.Generator().manual_seed(7))
+
+    def nudged(x, t):
+        eps = tiny_unet(x, t)
+        return torch.nextafter(eps, torch.full_like(eps, float("inf")))
+
+    ref = reference(tiny_unet)
+    one_ulp = (reference(nudged) - ref).abs().max().item()
+    assert 0 < one_ulp < 1e-4
+    torch.testing.assert_close(fast, ref, rtol=0, atol=4 * one_ulp + 1e-6)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 13])

@@ -70,9 +70,10 @@ struct V {
   FDDPM_SIMD F min(F a, F b) { return _mm256_min_ps(a, b); }
   FDDPM_SIMD F max(F a, F b) { return _mm256_max_ps(a, b); }
   FDDPM_SIMD F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  FDDPM_SIMD F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
   FDDPM_SIMD I cvt_nearest(F a) { return _mm256_cvtps_epi32(a); }  // MXCSR's rounding: to nearest
-  FDDPM_SIMD F rcp(F a) { return _mm256_rcp_ps(a); }  // ~12 bits
+  // a / b: the division itself (on Zen 3 a SiLU row with it measured 1.2x faster than with a
+  // reciprocal and a Newton step, and it is exact)
+  FDDPM_SIMD F quotient(F a, F b) { return _mm256_div_ps(a, b); }
   FDDPM_SIMD M less(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   // lanes where (a & b) == 0
   FDDPM_SIMD M none_of(I a, I b) {
@@ -143,9 +144,13 @@ struct V {
   FDDPM_SIMD F min(F a, F b) { return _mm512_min_ps(a, b); }
   FDDPM_SIMD F max(F a, F b) { return _mm512_max_ps(a, b); }
   FDDPM_SIMD F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  FDDPM_SIMD F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
   FDDPM_SIMD I cvt_nearest(F a) { return _mm512_cvtps_epi32(a); }  // MXCSR's rounding: to nearest
-  FDDPM_SIMD F rcp(F a) { return _mm512_rcp14_ps(a); }  // ~14 bits
+  // a / b as a 14-bit reciprocal and one Newton step (relative error ~1e-7): a 16-lane division
+  // is slow on Intel cores (this is the form the AVX-512 SiLU was measured with)
+  FDDPM_SIMD F quotient(F a, F b) {
+    const F r = _mm512_rcp14_ps(b);
+    return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.0f))));
+  }
   FDDPM_SIMD M less(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   FDDPM_SIMD M none_of(I a, I b) { return _mm512_testn_epi32_mask(a, b); }
   FDDPM_SIMD F select(M m, F if_false, F if_true) { return _mm512_mask_blend_ps(m, if_false, if_true); }
