@@ -16,6 +16,7 @@
 #include "fastddpm/elementwise.h"
 #include "huge_pages.h"
 #include "isa.h"
+#include "prefetch.h"
 #include "simd.h"
 
 namespace fastddpm {
@@ -56,26 +57,36 @@ FDDPM_ISA_CLONES void philox_blocks_portable(int64_t first, int64_t count, uint6
     for (int j = 0; j < 4; ++j) out[4 * k + j] = z[j][k];
 }
 
-// The SIMD generator for the running CPU takes whole groups of its width, the portable loop the rest.
-void philox_blocks(int64_t first, int64_t count, uint64_t seed, uint64_t offset, float* out) {
+// The SIMD generator for the running CPU takes whole groups of its width, the portable loop the
+// rest; pf (if any) advances by the normals drawn.
+void philox_blocks(int64_t first, int64_t count, uint64_t seed, uint64_t offset, float* out, Prefetcher* pf) {
   int64_t k = 0;
 #ifdef FASTDDPM_HAVE_SIMD
   if (cpu_has_avx512()) {
-    for (; k + avx512::kBlocks <= count; k += avx512::kBlocks) avx512::philox_normals(first + k, offset, seed, out + 4 * k);
+    for (; k + avx512::kBlocks <= count; k += avx512::kBlocks) {
+      avx512::philox_normals(first + k, offset, seed, out + 4 * k);
+      if (pf) pf->advance(4 * avx512::kBlocks);
+    }
   } else if (cpu_has_avx2()) {
-    for (; k + avx2::kBlocks <= count; k += avx2::kBlocks) avx2::philox_normals(first + k, offset, seed, out + 4 * k);
+    for (; k + avx2::kBlocks <= count; k += avx2::kBlocks) {
+      avx2::philox_normals(first + k, offset, seed, out + 4 * k);
+      if (pf) pf->advance(4 * avx2::kBlocks);
+    }
   }
 #endif
   if (k < count) philox_blocks_portable(first + k, count - k, seed, offset, out + 4 * k);
+  if (pf) pf->advance(4 * (count - k));
 }
 
-// Fill z[0 .. hi - lo) with the normals of global elements [lo, hi) of stream (seed, offset).
+// Fill z[0 .. hi - lo) with the normals of global elements [lo, hi) of stream (seed, offset),
+// issuing pf's prefetches (if any) as the normals are drawn.
 template <typename T>
-void philox_normals(int64_t lo, int64_t hi, uint64_t seed, uint64_t offset, T* z) {
+void philox_normals(int64_t lo, int64_t hi, uint64_t seed, uint64_t offset, T* z, Prefetcher* pf = nullptr) {
   float buf[4 * kChunk];
+  if (pf) pf->set_work(4 * ((hi + 3) / 4 - lo / 4));
   for (int64_t blk = lo / 4, last = (hi + 3) / 4; blk < last; blk += kChunk) {
     const int64_t count = std::min(kChunk, last - blk);
-    philox_blocks(blk, count, seed, offset, buf);
+    philox_blocks(blk, count, seed, offset, buf, pf);
     const int64_t start = std::max(lo, blk * 4), stop = std::min(hi, (blk + count) * 4);
     for (int64_t i = start; i < stop; ++i) z[i - lo] = static_cast<T>(buf[i - blk * 4]);
   }
@@ -159,7 +170,13 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const a
         constexpr int64_t kSub = 4096;
         for (int64_t sub = lo; sub < hi; sub += kSub) {
           const int64_t n = std::min(kSub, hi - sub);
-          if (draw) philox_normals(sub, sub + n, seed, offset, np + sub);
+          if (draw) {  // the piece's x0 and outputs requested while its noise is drawn
+            Prefetcher pf(n * static_cast<int64_t>(sizeof(scalar_t)));
+            pf.add(xp + sub, false);
+            pf.add(np + sub, true);
+            pf.add(op + sub, true);
+            philox_normals(sub, sub + n, seed, offset, np + sub, &pf);
+          }
           dispatch_noising_row<scalar_t, acc_t>(xp + sub, np + sub, op + sub, n, a, s);
         }
       });
@@ -200,8 +217,13 @@ void ddpm_step_into(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& m
         }
         for (int64_t sub = lo; sub < hi; sub += kSub) {
           const int64_t n = std::min(kSub, hi - sub);
-          if (c[kS] != acc_t(0)) philox_normals(sub, sub + n, seed, offset, zbuf.data());
-          else std::fill(zbuf.begin(), zbuf.begin() + n, acc_t(0));
+          if (c[kS] != acc_t(0)) {  // the piece's inputs and output requested while its noise is drawn
+            Prefetcher pf(n * static_cast<int64_t>(sizeof(scalar_t)));
+            pf.add(xp + sub, false);
+            pf.add(mp + sub, false);
+            pf.add(op + sub, true);
+            philox_normals(sub, sub + n, seed, offset, zbuf.data(), &pf);
+          } else std::fill(zbuf.begin(), zbuf.begin() + n, acc_t(0));
           dispatch_step_row<scalar_t, acc_t, acc_t>(xp + sub, mp + sub, zbuf.data(), op + sub, n, c,
                                                     clip.has_value(), r);
         }
