@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -34,3 +36,18 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are the same, with "cuda" meaning the current CUDA device (a
     ``torch.Generator("cuda")`` reports "cuda", tensors on it "cuda:0")."""
     return _named(torch.device(a)) == _named(torch.device(b))
+
+
+def cpu_has_bf16_arithmetic() -> Optional[bool]:
+    """Whether this CPU computes in bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of
+    ``/proc/cpuinfo``); None where the flags cannot be read. Elsewhere bf16 is emulated in fp32:
+    a bf16 sampler measured 5-6x slower than fp32 on an AMD EPYC (Zen 3)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return None
+    return None

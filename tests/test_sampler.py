@@ -103,6 +103,19 @@ def test_freeze_folds_the_weights_into_the_compiled_model(tiny_unet, short_sched
     torch.testing.assert_close(run(make(compile=True, freeze=True)), after_eager, rtol=1e-4, atol=1e-4)  # a new one
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bfloat16_on_a_cpu_without_bf16_arithmetic_warns(tiny_unet, short_schedule, monkeypatch, native_bf16):
+    import warnings
+
+    import fastddpm.sampler
+    monkeypatch.setattr(fastddpm.sampler, "cpu_has_bf16_arithmetic", lambda: native_bf16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fast(DDPM(tiny_unet, short_schedule), dtype="bfloat16", steps=2)
+    slow = [w for w in caught if "without bf16 arithmetic" in str(w.message)]
+    assert len(slow) == (0 if native_bf16 else 1)
+
+
 def test_bfloat16_samples_stay_close_to_float32(tiny_unet, short_schedule):
     ddpm = DDPM(tiny_unet, short_schedule)
     diff = (_fast(ddpm, dtype="bfloat16") - _fast(ddpm)).abs()
