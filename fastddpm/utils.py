@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import FrozenSet, Optional
 
 import torch
 
@@ -38,16 +39,22 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     return _named(torch.device(a)) == _named(torch.device(b))
 
 
-def cpu_has_bf16_arithmetic() -> Optional[bool]:
-    """Whether this CPU computes in bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of
-    ``/proc/cpuinfo``); None where the flags cannot be read. Elsewhere bf16 is emulated in fp32:
-    a bf16 sampler measured 5-6x slower than fp32 on an AMD EPYC (Zen 3)."""
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> Optional[FrozenSet[str]]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (read once), or None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         return None
     return None
+
+
+def cpu_has_bf16_arithmetic() -> Optional[bool]:
+    """Whether this CPU computes in bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of
+    ``/proc/cpuinfo``); None where the flags cannot be read. Elsewhere bf16 is emulated in fp32:
+    a bf16 sampler measured 5-6x slower than fp32 on an AMD EPYC (Zen 3)."""
+    flags = cpu_flags()
+    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from fastddpm import Schedule, ops
 from fastddpm.ops import PhiloxState, _native, philox_normal, reference
+from fastddpm.utils import cpu_flags
 from oracle import LOW, assert_close_by_dtype, layout  # noqa: F401
 
 DISABLED = os.environ.get("FASTDDPM_NATIVE") == "0"
@@ -22,13 +23,9 @@ def test_native_extension_is_loaded():
     assert _native.AVAILABLE, f"native extension failed to load: {_native.ERROR}"
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo")
+@pytest.mark.skipif(cpu_flags() is None, reason="reads the CPU flags from /proc/cpuinfo")
 def test_cpu_kernels_use_the_widest_simd_this_cpu_has():
-    flags = set()
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    flags = cpu_flags()
     expected = "avx512" if "avx512f" in flags else ("avx2" if {"avx2", "fma"} <= flags else "portable")
     assert torch.ops.fastddpm.cpu_simd_isa() == expected
     assert f"({expected})" in ops.native_status()

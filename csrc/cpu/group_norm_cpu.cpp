@@ -93,13 +93,9 @@ FDDPM_ISA_CLONES void column_sq_dev_f32(const float* x, int64_t rows, int64_t C,
   column_sq_dev_loop<float, float>(x, rows, C, shift, acc);
 }
 
+// The storage dtype the hand-vectorized rows take (their uses sit inside FASTDDPM_HAVE_SIMD).
 template <typename scalar_t>
-constexpr bool kSimdRows =
-#ifdef FASTDDPM_HAVE_SIMD
-    std::is_same_v<scalar_t, float>;
-#else
-    false;
-#endif
+constexpr bool kSimdRows = std::is_same_v<scalar_t, float>;
 
 template <typename scalar_t, typename acc_t>
 RowMoments row_moments(const scalar_t* x, int64_t n) {
