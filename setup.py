@@ -7,13 +7,14 @@
 * a failed native build is a warning, never a failed install: the package then runs on its
   pure-PyTorch reference ops, and ``fastddpm info`` says so.
 
-The source list is csrc/sources.txt, shared with CMakeLists.txt.
+The source list is csrc/sources.txt, shared with CMakeLists.txt. The package list is here too:
+benchmarks/ is installed as ``fastddpm.bench``.
 """
 
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -75,4 +76,8 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# benchmarks/ is the benchmark suite's one home; it ships inside the package as fastddpm.bench, so
+# `fastddpm bench` works after `pip install .` (the mapping lives here: pyproject's package
+# discovery cannot add a package from another folder).
+setup(packages=find_packages(include=["fastddpm", "fastddpm.*"]) + ["fastddpm.bench"],
+      package_dir={"fastddpm.bench": "benchmarks"}, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,5 +1,5 @@
-"""``python -m benchmarks``: the same as ``fastddpm bench`` (see fastddpm/bench/report.py)."""
+"""``python -m benchmarks``: the same as ``fastddpm bench`` (see report.py)."""
 
-from fastddpm.bench.report import main
+from .report import main
 
 main()

@@ -61,3 +61,27 @@ def test_diffusers_pipeline_comparison(benchmark, quick):
     benchmark.group = "diffusers"
     result = benchmark.pedantic(lambda: diffusers_cmp.run(quick=quick), rounds=1, iterations=1)
     assert result["rows"] and all(r["max_diff"] < 1e-3 for r in result["rows"])
+
+
+@pytest.mark.parametrize("path", ["sample() call", "prepared sampler run"])
+def test_per_call(benchmark, path, quick):
+    """A repeated ``fastddpm.sample()`` call (its prepared sampler reused) against one prepared
+    Sampler run: the difference is what a call costs beyond its steps."""
+    import fastddpm
+    from fastddpm import Sampler
+
+    steps = 2 if quick else 10
+    ddpm = fastddpm.load("mnist")
+    schedule = ddpm.schedule.respaced(steps)
+    coeffs = schedule.table("step", "cpu", sampler="ddpm", variance="fixed_large")
+    prepared = Sampler(ddpm.model, schedule, coeffs, (16, 1, 32, 32))
+
+    def call():
+        return fastddpm.sample("mnist", 16, steps=steps, seed=0, progress=False)
+
+    def run():
+        return prepared.run(generator=torch.Generator().manual_seed(0))
+
+    torch.testing.assert_close(call(), run(), rtol=0, atol=1e-6)  # the same samples either way
+    benchmark.group = f"per call: mnist batch 16, {steps} steps"
+    benchmark.pedantic(call if path == "sample() call" else run, rounds=3, iterations=1, warmup_rounds=1)

@@ -12,16 +12,15 @@ from .diffusion import q_posterior, q_sample, reference_ddim_sample, reference_s
 from .images import make_grid, save_grid
 from .models.unet import PRESETS, UNet, UNetConfig
 from .pipeline import DDPM, bundled_models, load, save
-from .sampler import Sampler
-from .sampling import sample
+from .sampling import NoiseSource, Sampler, SpeedOptions, sample
 from .schedule import Schedule, ScheduleConfig
 from .train import TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "DDPM", "PRESETS", "Sampler", "Schedule", "ScheduleConfig", "TrainConfig", "Trainer",
-    "UNet", "UNetConfig", "bundled_models", "load", "make_grid", "q_posterior", "q_sample",
+    "CheckpointError", "DDPM", "NoiseSource", "PRESETS", "Sampler", "Schedule", "ScheduleConfig", "SpeedOptions",
+    "TrainConfig", "Trainer", "UNet", "UNetConfig", "bundled_models", "load", "make_grid", "q_posterior", "q_sample",
     "reference_ddim_sample", "reference_sample", "sample", "save", "save_grid", "train", "training_loss",
     "__version__",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -41,15 +42,15 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from .images import save_grid
-    from .sampling import sample
+    from .sampling import SpeedOptions, sample
 
     _threads(args.threads)
     start = time.monotonic()
+    options = SpeedOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SpeedOptions)})
     x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
                clip=not args.no_clip, eta=args.eta, seed=args.seed, device=args.device,
-               batch_size=args.batch_size, progress=not args.quiet, noise=args.noise, dtype=args.dtype,
-               compile=args.compile, freeze=args.freeze, cuda_graph=args.cuda_graph, graph_steps=args.graph_steps,
-               channels_last=args.channels_last, winograd=args.winograd)
+               batch_size=args.batch_size, progress=not args.quiet, noise_source=args.noise_source,
+               options=options, reuse=False)
     save_grid(x, args.out, scale=args.scale)
     if args.npy:
         np.save(args.npy, x.cpu().numpy())
@@ -58,7 +59,7 @@ def cmd_sample(args) -> int:
 
 
 def _bench(argv: List[str]) -> int:
-    from .bench.report import main as bench_main
+    from .bench.report import main as bench_main  # benchmarks/, installed as fastddpm.bench
 
     bench_main(argv)
     return 0
@@ -69,7 +70,7 @@ def info() -> dict:
     import torch
 
     from . import __version__, ops
-    from .models import winograd
+    from .ops import winograd
     from .pipeline import bundled_models
 
     cuda = torch.cuda.is_available()
@@ -102,6 +103,27 @@ class _Explicit(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
         namespace.explicit = getattr(namespace, "explicit", set()) | {self.dest}
+
+
+def _add_speed_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`SpeedOptions` field, its help text taken from that class's docstring."""
+    from .sampling.options import DTYPES, SpeedOptions
+
+    group = parser.add_argument_group("speed options (fastddpm.SpeedOptions)")
+    defaults = SpeedOptions()
+    for field in dataclasses.fields(SpeedOptions):
+        flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
+        text = SpeedOptions.describe(field.name)
+        if field.name == "dtype":
+            group.add_argument(flag, choices=sorted(DTYPES), default="float32", help=text)
+        elif field.name == "compile":
+            group.add_argument(flag, nargs="?", const=True, default=False, metavar="MODE",
+                               help=text.replace("True or a mode", "alone, or with a mode"))
+        elif field.name == "graph_steps":
+            group.add_argument(flag, type=int, default=default, help=text)
+        else:  # the booleans (winograd: None = where it applies)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{text} (default: {'where it applies' if default is None else default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,20 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--scale", type=int, default=2, help="pixel upscaling of the PNG")
-    s.add_argument("--noise", choices=["generator", "philox"], default="generator",
+    s.add_argument("--noise-source", "--noise", choices=["generator", "philox"], default="generator",
                    help="torch.randn draws (the reference sampler's) or in-kernel Philox")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="U-Net compute dtype (autocast)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
-    s.add_argument("--freeze", action="store_true",
-                   help="with --compile: fold the weights into the compiled U-Net (faster steps, uncached compile)")
-    s.add_argument("--cuda-graph", action="store_true", help="replay captured CUDA graphs (needs --noise philox)")
-    s.add_argument("--graph-steps", type=int, default=1, help="steps per captured CUDA graph")
-    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the U-Net on channels_last tensors (default: on; measured faster on CPU and GPU)")
-    s.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=None,
-                   help="Winograd F(2x2,3x3) for wide 3x3 convolutions on the CPU in float32 "
-                        "(default: where it applies)")
+    _add_speed_options(s)
     s.set_defaults(func=cmd_sample)
 
     for sp in (t, s):

@@ -69,7 +69,9 @@ def save(ddpm: Union[DDPM, UNet], path: str, *, schedule: Optional[Schedule] = N
     return write_checkpoint(path, ddpm.config_dict(), ddpm.model, ema=ema, weights_dtype=weights_dtype)
 
 
-def _build(config: dict, state: dict, path: str) -> DDPM:
+def build_ddpm(config: dict, state: dict, path: str) -> DDPM:
+    """A :class:`DDPM` from a checkpoint's config and a weights state dict (``path`` names the
+    checkpoint in errors); a :class:`CheckpointError` when they do not match."""
     try:
         model_cfg = UNetConfig.from_dict(config["model"])
         sched_cfg = ScheduleConfig.from_dict(config["schedule"])
@@ -91,12 +93,9 @@ def _build(config: dict, state: dict, path: str) -> DDPM:
     return DDPM(model, Schedule.from_config(sched_cfg), prediction, int(config.get("step", 0)))
 
 
-def load(path: str, *, ema: bool = True, device="cpu") -> DDPM:
-    """Load a checkpoint directory, a training run directory (its ``checkpoint``), or a bundled
-    model by name (e.g. ``"mnist"``) as a :class:`DDPM`.
-
-    With ``ema=True`` the EMA weights are used when the checkpoint has them.
-    """
+def locate_checkpoint(path) -> str:
+    """The checkpoint folder ``path`` names: a checkpoint directory, a training run directory (its
+    ``checkpoint``), or a bundled model by name (e.g. ``"mnist"``)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a checkpoint path or bundled model name, got {type(path).__name__}")
     path = os.fspath(path)
@@ -108,9 +107,19 @@ def load(path: str, *, ema: bool = True, device="cpu") -> DDPM:
     run_checkpoint = os.path.join(path, "checkpoint")
     if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(run_checkpoint):
         path = run_checkpoint  # a training run directory: use its latest checkpoint
+    return path
+
+
+def load(path: str, *, ema: bool = True, device="cpu") -> DDPM:
+    """Load a checkpoint directory, a training run directory (its ``checkpoint``), or a bundled
+    model by name (e.g. ``"mnist"``) as a :class:`DDPM`.
+
+    With ``ema=True`` the EMA weights are used when the checkpoint has them.
+    """
+    path = locate_checkpoint(path)
     ckpt = read_checkpoint(path)
     state = ckpt.ema if (ema and ckpt.ema is not None) else ckpt.model
-    ddpm = _build(ckpt.config, state, path)
+    ddpm = build_ddpm(ckpt.config, state, path)
     ddpm.model.to(device)
     return ddpm
 

@@ -21,7 +21,7 @@ from .data import load_dataset
 from .diffusion import training_loss
 from .images import save_grid
 from .models.unet import PRESETS, UNet, UNetConfig
-from .pipeline import DDPM, _build
+from .pipeline import DDPM, build_ddpm
 from .schedule import Schedule, ScheduleConfig
 from .utils import resolve_device
 
@@ -181,7 +181,7 @@ class Trainer:
         from .sampling import sample
 
         x = sample(self.ema_ddpm(), n, steps=min(self.config.sample_steps, self.ddpm.schedule.T),
-                   seed=self.config.seed, device=self.device, progress=False)
+                   seed=self.config.seed, device=self.device, progress=False, reuse=False)
         path = os.path.join(self.out, "samples", f"step_{self.step:07d}.png")
         save_grid(x, path)
         return path
@@ -203,7 +203,7 @@ class Trainer:
         if ckpt.ema is None or ckpt.optimizer is None:
             raise ValueError(f"out: {out!r} holds a checkpoint without EMA or optimizer state; "
                              f"it cannot be resumed")
-        ddpm = _build(ckpt.config, ckpt.model, ckpt.path)
+        ddpm = build_ddpm(ckpt.config, ckpt.model, ckpt.path)
         train_cfg = dict(ckpt.config.get("train", {}), **overrides)
         trainer = cls(ddpm, images, out, TrainConfig(**train_cfg), device=device)
         trainer.ema.load_state_dict(ckpt.ema)

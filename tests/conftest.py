@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastddpm import Schedule, UNet  # noqa: E402
-from fastddpm.models.unet import randomize_zero_init  # noqa: E402,F401 - tests import it from here
+from fastddpm.bench.models import randomize_zero_init  # noqa: E402,F401 - tests import it from here
 
 
 @pytest.fixture

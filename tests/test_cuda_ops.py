@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fastddpm import Schedule, ops
-from fastddpm.ops import PhiloxState, _native, philox_normal, reference
+from fastddpm.ops import PhiloxState, native, philox_normal, reference
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _native.cuda_available()),
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and native.cuda_available()),
                                 reason="needs a CUDA GPU and the extension built with CUDA")
 
 SCHED = Schedule.linear()
@@ -137,10 +137,10 @@ def test_cuda_graph_replays_draw_fresh_noise():
 @pytest.mark.skipif("triton" not in ops.available_backends(), reason="needs Triton")
 def test_auto_takes_native_eagerly_and_triton_under_graph_capture():
     cuda = torch.device("cuda")
-    assert ops._impl("auto", cuda) is ops.BACKENDS["native"]
+    assert ops.dispatch.implementation("auto", cuda) is ops.BACKENDS["native"]
     x = torch.zeros(8, device="cuda")
     graph, seen = torch.cuda.CUDAGraph(), []
     with torch.cuda.graph(graph):
-        seen.append(ops._impl("auto", cuda))
+        seen.append(ops.dispatch.implementation("auto", cuda))
         x.add_(1)
     assert seen == [ops.BACKENDS["triton"]]

@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fastddpm import Schedule, ops
-from fastddpm.ops import PhiloxState, _native, philox_normal, reference
+from fastddpm.ops import PhiloxState, native, philox_normal, reference
 from fastddpm.utils import cpu_flags
 from oracle import LOW, assert_close_by_dtype, layout  # noqa: F401
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(DISABLED, reason="native extension disabled by F
 
 def test_native_extension_is_loaded():
     """An install that was meant to build the extension must have it: no silent fallback in CI."""
-    assert _native.AVAILABLE, f"native extension failed to load: {_native.ERROR}"
+    assert native.AVAILABLE, f"native extension failed to load: {native.ERROR}"
 
 
 @pytest.mark.skipif(cpu_flags() is None, reason="reads the CPU flags from /proc/cpuinfo")
@@ -95,7 +95,7 @@ def test_group_norm_act_matches_reference(n, groups, per_group, hw, dtype, kind,
 
 def test_group_norm_act_large_group_in_fp16_is_accurate():
     x = (torch.randn(2, 64, 32, 32) + 5).half()
-    fast = _native.group_norm_act(x, None, None, 32, 1e-6)
+    fast = native.group_norm_act(x, None, None, 32, 1e-6)
     exact = reference.group_norm_act(x.float(), None, None, 32, 1e-6)
     low = reference.group_norm_act(x, None, None, 32, 1e-6)
     assert (fast.float() - exact).abs().max() <= 2 * (low.float() - exact).abs().max() + 1e-3
@@ -135,7 +135,7 @@ def test_group_norm_act_gradcheck_float64(silu, with_temb):
     b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
     temb = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True) if with_temb else None
     act = "silu" if silu else None
-    fn = lambda *a: _native.group_norm_act(a[0], a[1], a[2], 2, 1e-5, a[3] if with_temb else None, act)  # noqa: E731
+    fn = lambda *a: native.group_norm_act(a[0], a[1], a[2], 2, 1e-5, a[3] if with_temb else None, act)  # noqa: E731
     inputs = (x, w, b, temb) if with_temb else (x, w, b)
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -145,7 +145,7 @@ def test_group_norm_act_gradients_match_reference_in_float32():
     args = [torch.randn(3, 8, 5, 4, generator=g), torch.randn(8, generator=g), torch.randn(8, generator=g),
             torch.randn(3, 8, generator=g)]
     grads = []
-    for impl in (reference, _native):
+    for impl in (reference, native):
         leaves = [a.clone().requires_grad_() for a in args]
         impl.group_norm_act(leaves[0], leaves[1], leaves[2], 4, 1e-6, leaves[3], "silu").square().sum().backward()
         grads.append([leaf.grad for leaf in leaves])
@@ -309,8 +309,8 @@ def test_affine_op_gradients(clip):
     x = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     m = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     z = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, n: _native.ddpm_step(a, b, t, c64, n, clip), (x, m, z))
-    assert torch.autograd.gradcheck(lambda a, n: _native.q_sample(a, t, NOISING, n)[0], (x, z))
+    assert torch.autograd.gradcheck(lambda a, b, n: native.ddpm_step(a, b, t, c64, n, clip), (x, m, z))
+    assert torch.autograd.gradcheck(lambda a, n: native.q_sample(a, t, NOISING, n)[0], (x, z))
 
 
 @pytest.mark.parametrize("layout_kind", ["contiguous", "channels_last"])

@@ -107,8 +107,8 @@ def test_freeze_folds_the_weights_into_the_compiled_model(tiny_unet, short_sched
 def test_bfloat16_on_a_cpu_without_bf16_arithmetic_warns(tiny_unet, short_schedule, monkeypatch, native_bf16):
     import warnings
 
-    import fastddpm.sampler
-    monkeypatch.setattr(fastddpm.sampler, "cpu_has_bf16_arithmetic", lambda: native_bf16)
+    import fastddpm.sampling.prepare
+    monkeypatch.setattr(fastddpm.sampling.prepare, "cpu_has_bf16_arithmetic", lambda: native_bf16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fast(DDPM(tiny_unet, short_schedule), dtype="bfloat16", steps=2)
@@ -124,9 +124,9 @@ def test_bfloat16_samples_stay_close_to_float32(tiny_unet, short_schedule):
 
 def test_philox_noise_is_reproducible_and_not_the_generator_stream(tiny_unet, short_schedule):
     ddpm = DDPM(tiny_unet, short_schedule)
-    a = sample(ddpm, 2, seed=3, noise="philox", progress=False)
-    b = sample(ddpm, 2, seed=3, noise="philox", progress=False)
-    c = sample(ddpm, 2, seed=4, noise="philox", progress=False)
+    a = sample(ddpm, 2, seed=3, noise_source="philox", progress=False)
+    b = sample(ddpm, 2, seed=3, noise_source="philox", progress=False)
+    c = sample(ddpm, 2, seed=4, noise_source="philox", progress=False)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a, sample(ddpm, 2, seed=3, progress=False))
 
@@ -195,12 +195,12 @@ def test_one_step_compiles_into_one_graph(tiny_unet, short_schedule):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dtype="int8"), "dtype: expected one of"),
     (dict(compile="fast"), "compile: expected one of"),
-    (dict(cuda_graph=True, noise="philox"), "cuda_graph: needs a CUDA device"),
-    (dict(cuda_graph=True), "noise: cuda_graph=True needs noise='philox'"),
-    (dict(noise="gaussian"), "noise: expected 'generator' or 'philox'"),
-    (dict(noise="philox", generator=torch.Generator()), "generator: not used with noise='philox'"),
-    (dict(graph_steps=0, noise="philox"), "graph_steps: expected a positive int"),
-    (dict(freeze=True), "freeze: folds the weights of an nn.Module into its compiled model"),
+    (dict(cuda_graph=True, noise_source="philox"), "cuda_graph: needs a CUDA device"),
+    (dict(cuda_graph=True), "noise_source: cuda_graph=True needs noise_source='philox'"),
+    (dict(noise_source="gaussian"), "noise_source: expected one of"),
+    (dict(noise_source="philox", generator=torch.Generator()), "generator: not used with noise_source='philox'"),
+    (dict(graph_steps=0, noise_source="philox"), "graph_steps: expected a positive int"),
+    (dict(freeze=True), "freeze: folds a model's weights into its compiled form; it needs compile=True"),
 ])
 def test_sampler_options_are_validated(tiny_unet, short_schedule, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -58,7 +58,7 @@ def test_model_rewrite_replaces_eligible_convs_on_a_copy():
     # the strided Downsample conv and the 1x1 attention convs stay direct
     assert all(not winograd.eligible(m) for m in fast.modules() if isinstance(m, torch.nn.Conv2d))
     assert Sampler(model, Schedule.linear().respaced(2), Schedule.linear().respaced(2).table(
-        "step", "cpu", sampler="ddpm", variance="fixed_large"), (1, 1, 16, 16)).winograd  # on by default
+        "step", "cpu", sampler="ddpm", variance="fixed_large"), (1, 1, 16, 16)).model.winograd  # on by default
     x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 500, 999])
     with torch.no_grad():
         torch.testing.assert_close(fast(x, t), model(x, t), rtol=1e-4, atol=1e-4)
@@ -68,7 +68,7 @@ def test_sampler_with_winograd_matches_the_reference_sampler(tiny_unet, short_sc
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)  # the tiny model's convs are all narrow
     coeffs = short_schedule.table("step", "cpu", sampler="ddpm", variance="fixed_large")
     sampler = Sampler(tiny_unet, short_schedule, coeffs, (3, 1, 8, 8), winograd=True)
-    assert any(isinstance(m, winograd.WinogradConv2d) for m in sampler.model.modules())
+    assert any(isinstance(m, winograd.WinogradConv2d) for m in sampler.model.module.modules())
     fast = sampler.run(generator=torch.Generator().manual_seed(7))
     ref = reference_sample(tiny_unet, short_schedule, (3, 1, 8, 8), clip=True,
                            generator=torch.Generator().manual_seed(7))

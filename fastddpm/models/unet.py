@@ -117,18 +117,6 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-def randomize_zero_init(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-initialise every all-zero weight (the zero-initialised output convs) with noise, in place,
-    so that a fresh model's output depends on its input and timestep: for tests and benchmarks,
-    whose checks against a reference would otherwise compare zeros with zeros."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not bool(p.any()):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
 class ResBlock(nn.Module):
     """Residual block with the time embedding injected before the second GroupNorm."""
 

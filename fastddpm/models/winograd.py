@@ -1,17 +1,11 @@
-"""Winograd F(2x2, 3x3) convolutions for inference on the CPU (csrc/cpu/winograd_conv.cpp).
+"""A model's eligible 3x3 convolutions rewritten to the Winograd F(2x2, 3x3) op
+(:mod:`fastddpm.ops.winograd`), for inference on the CPU in float32.
 
-The U-Net's fp32 forward on a CPU is ~70% 3x3 convolutions that oneDNN already runs at the
-cores' FMA peak; Winograd's F(2x2, 3x3) does the same convolution with 16 multiplies per 2x2
-output tile and (input, output) channel pair instead of 36, at the price of additions in the
-tile transforms and a rounding error about twice the direct convolution's.
-:func:`with_winograd_convs` returns a copy of a model with every eligible ``nn.Conv2d`` (3x3,
-stride 1, padding 1, no dilation or groups, float32, at least ``MIN_CHANNELS`` channels in and
-out) replaced by a :class:`WinogradConv2d` holding the transformed weights. Inference only: the
-op has no backward.
-
-Measured on this project's 2-core AVX-512 CPU, batch 16, channels_last, against oneDNN's direct
-convolution: 1.2-1.7x for 128 and 256 channels at 4x4 to 32x32, but 0.95-1.04x for 64 channels at
-28x28 (the transforms' memory traffic then outweighs the saved multiplies); hence MIN_CHANNELS.
+The U-Net's fp32 forward on a CPU is mostly 3x3 convolutions that oneDNN already runs near the
+cores' FMA peak, so fewer multiplies is where more speed comes from. :func:`with_winograd_convs`
+returns a copy of a model with every eligible ``nn.Conv2d`` (3x3, stride 1, padding 1, no
+dilation or groups, float32, at least ``MIN_CHANNELS`` channels in and out) replaced by a
+:class:`WinogradConv2d` holding the transformed weights. Inference only: the op has no backward.
 """
 
 from __future__ import annotations
@@ -22,34 +16,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import _native
+from ..ops import winograd as winograd_op
+from ..ops.winograd import available, transform_weight  # noqa: F401  (re-exported for model code)
 
+# Below 128 channels the tile transforms' memory traffic outweighs the saved multiplies
+# (measured in docs/performance.md), so narrower convolutions stay direct.
 MIN_CHANNELS = 128
-
-# F(2x2, 3x3) weight transform (Lavin & Gray 2016): U = G g G^T.
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-
-
-def available() -> bool:
-    """Whether the native Winograd kernel is built (part of the native CPU extension)."""
-    return _native.AVAILABLE and hasattr(torch.ops.fastddpm, "winograd_conv3x3")
-
-
-if available():
-    @torch.library.register_fake("fastddpm::winograd_conv3x3")
-    def _winograd_fake(x, U, bias):
-        N, _, H, W = x.shape
-        return x.new_empty((N, U.shape[2], H, W)).contiguous(memory_format=torch.channels_last)
-
-
-def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``[K, C, 3, 3]`` weights to the ``[16, C, K]`` float32 table the kernel multiplies by
-    (``U = G g G^T``, computed in float64)."""
-    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
-        raise ValueError(f"weight: expected [K, C, 3, 3], got {tuple(weight.shape)}")
-    G = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    U = torch.einsum("ij,kcjl,ml->imck", G, weight.detach().double(), G)  # [4, 4, C, K]
-    return U.reshape(16, weight.shape[1], weight.shape[0]).float().contiguous()
 
 
 def eligible(module: nn.Module, min_channels: int = 1) -> bool:
@@ -73,7 +45,7 @@ class WinogradConv2d(nn.Module):
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return torch.ops.fastddpm.winograd_conv3x3(x, self.U, self.bias)
+        return winograd_op.winograd_conv3x3(x, self.U, self.bias)
 
 
 def with_winograd_convs(model: nn.Module, min_channels: Optional[int] = None) -> nn.Module:

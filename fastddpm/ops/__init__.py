@@ -1,123 +1,77 @@
-"""The three fused ops of DESIGN.md section 3, behind one interface.
+"""The fused ops of DESIGN (docs/design.md section 3), behind one interface.
 
-Each op has exactly one public function here. ``backend`` selects the implementation:
-``"reference"`` (pure PyTorch, always available), ``"native"`` (the compiled csrc kernels, when
-built), ``"triton"`` (Triton kernels: CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) or
-``"auto"`` (on CPU native, on CUDA the faster compiled backend present, else the reference).
-Inputs are validated here, once, so every backend sees well-formed tensors.
+Each op has exactly one public function here, which validates its inputs once, so every backend
+sees well-formed tensors. ``backend`` selects the implementation: ``"reference"`` (pure PyTorch,
+always available), ``"native"`` (the compiled csrc kernels, when built), ``"triton"`` (CUDA
+tensors, or CPU under ``TRITON_INTERPRET=1``) or ``"auto"`` (:func:`auto_backend`).
 
-Noise: pass ``noise``; or a ``generator`` (drawn with ``torch.randn``: bit-compatible with the
-reference); or neither, and the native kernels draw counter-based Philox noise in-kernel from
-``rng`` (a :class:`PhiloxState`, or a per-device default one).
+Noise is resolved here, once, into what the backends take: the given ``noise`` tensor; or
+``torch.randn`` from ``generator`` (bit-compatible with the reference sampler's draws); or the
+counter-based Philox stream of ``rng`` (a :class:`PhiloxState`), drawn inside the kernels. With
+none of them, a Philox state is seeded from torch's global RNG for the call.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
 
-from . import _native, reference
-from . import triton as _triton
+from . import native, reference, winograd
+from .dispatch import (BACKENDS, CUDA_PREFERENCE, auto_backend, available_backends, forced_backend, implementation,
+                       use_backend)
 from .memory_pool import cpu_memory_pool
 from .philox import PhiloxState, philox_normal
+from .winograd import winograd_conv3x3
 
 __all__ = ["BACKENDS", "CUDA_PREFERENCE", "PhiloxState", "auto_backend", "available_backends", "cpu_memory_pool",
            "ddpm_step", "forced_backend", "group_norm_act", "native_status", "philox_normal", "q_sample",
-           "triton_status", "use_backend"]
+           "triton_status", "use_backend", "winograd_conv3x3"]
 
-BACKENDS = {"reference": reference}
-if _native.AVAILABLE:
-    BACKENDS["native"] = _native
-if _triton.AVAILABLE:
-    BACKENDS["triton"] = _triton
-
-# On CUDA, "auto" takes the first present backend of the list for its context, measured on an H200
-# (docs/gpu_run4): while a CUDA graph is being captured, Triton (as fast as the native kernels on
-# the elementwise ops, 3x faster on group_norm_act); called eagerly, the native kernels (Triton's
-# launch path costs tens of microseconds a call: the mnist U-Net forward took 11.7 ms with Triton
-# ops, 5.3 ms with native ones, 5.8 ms with the reference ops).
-CUDA_PREFERENCE = {"graph": ("triton", "native"), "eager": ("native", "triton")}
-# Which backends carry CUDA kernels: fixed once the modules are loaded, so looked up once here
-# rather than on every op call.
-_CUDA_KERNELS = {"native": _native.cuda_available(), "triton": _triton.AVAILABLE}
 _CPU_HALF_TYPES = (torch.bfloat16, torch.float16)
-
-
-def available_backends() -> Tuple[str, ...]:
-    """Names of the op backends usable in this process."""
-    return tuple(BACKENDS)
 
 
 def native_status() -> str:
     """One line on the native extension: what it carries, or why it is unavailable."""
-    if not _native.AVAILABLE:
-        return f"unavailable ({_native.ERROR})"
+    if not native.AVAILABLE:
+        return f"unavailable ({native.ERROR})"
     isa = torch.ops.fastddpm.cpu_simd_isa()  # which hand-vectorized CPU path runs here
-    return f"cpu ({isa}) + cuda kernels" if _native.cuda_available() else f"cpu kernels ({isa})"
+    return f"cpu ({isa}) + cuda kernels" if native.cuda_available() else f"cpu kernels ({isa})"
 
 
 def triton_status() -> str:
     """One line on the Triton backend: where it runs, or why it is unavailable."""
-    if not _triton.AVAILABLE:
-        return f"unavailable ({_triton.ERROR})"
+    from . import triton as triton_backend
+
+    if not triton_backend.AVAILABLE:
+        return f"unavailable ({triton_backend.ERROR})"
     import triton
 
     where = "cuda" if torch.cuda.is_available() else "no GPU: cpu only under TRITON_INTERPRET=1"
     return f"triton {triton.__version__} ({where})"
 
 
-# FASTDDPM_OPS=reference|native|triton forces what "auto" means for the whole process.
-_forced_backend: Optional[str] = os.environ.get("FASTDDPM_OPS") or None
-if _forced_backend not in (None, "auto", *BACKENDS):
-    raise ValueError(f"FASTDDPM_OPS: expected 'auto' or one of {tuple(BACKENDS)}, got {_forced_backend!r}")
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Within the block, ``backend="auto"`` calls (e.g. inside the U-Net) use backend ``name``."""
-    global _forced_backend
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {name!r}")
-    previous, _forced_backend = _forced_backend, name
-    try:
-        yield
-    finally:
-        _forced_backend = previous
-
-
-def forced_backend() -> Optional[str]:
-    """The backend that ``FASTDDPM_OPS`` or a :func:`use_backend` block forces now; None when
-    ``"auto"`` decides."""
-    return None if _forced_backend in (None, "auto") else _forced_backend
-
-
-def auto_backend(device: torch.device, graph: Optional[bool] = None) -> str:
-    """The backend ``backend="auto"`` resolves to on ``device`` now (``FASTDDPM_OPS`` or a
-    :func:`use_backend` block first). ``graph``: for a CUDA graph capture or not (default: whether
-    the current stream is capturing); code that warms kernels up before capturing asks with True."""
-    forced = forced_backend()
-    if forced:
-        return forced
-    if device.type == "cpu":
-        return "native" if _native.AVAILABLE else "reference"
-    if device.type == "cuda":
-        capturing = torch.cuda.is_current_stream_capturing() if graph is None else graph
-        order = CUDA_PREFERENCE["graph" if capturing else "eager"]
-        return next((name for name in order if _CUDA_KERNELS[name]), "reference")
-    return "reference"
-
-
-def _impl(backend: str, device: torch.device):
-    if backend == "auto":
-        backend = auto_backend(device)
-    try:
-        return BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, "
-                         f"got {backend!r}") from None
+def _resolve_noise(x: torch.Tensor, noise: Optional[torch.Tensor], generator: Optional[torch.Generator],
+                   rng: Optional[PhiloxState]) -> Tuple[Optional[torch.Tensor], Optional[PhiloxState]]:
+    """(noise tensor, None) or (None, Philox state to draw in-kernel from): the one place an op's
+    noise source is decided."""
+    given = [name for name, v in (("noise", noise), ("generator", generator), ("rng", rng)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"noise / generator / rng: give at most one noise source, got {' and '.join(given)}")
+    if noise is not None:
+        _check_like("noise", noise, x)
+        return noise, None
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), None
+    if rng is not None:
+        if not isinstance(rng, PhiloxState):
+            raise TypeError(f"rng: expected a fastddpm.ops.PhiloxState, got {type(rng).__name__}")
+        if rng.device != x.device:
+            raise ValueError(f"rng: expected a PhiloxState on {x.device}, got one on {rng.device}")
+        return None, rng
+    return None, PhiloxState(device=x.device)
 
 
 def _check_t(t: torch.Tensor, x: torch.Tensor, table: torch.Tensor, table_name: str, cols: int,
@@ -157,8 +111,8 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
     ``table`` is ``schedule.table("noising", device)``; ``noise`` is drawn when None.
     """
     _check_t(t, x0, table, "table", 2)
-    _check_like("noise", noise, x0)
-    return _impl(backend, x0.device).q_sample(x0, t, table, noise, generator=generator, rng=rng)
+    noise, rng = _resolve_noise(x0, noise, generator, rng)
+    return implementation(backend, x0.device).q_sample(x0, t, table, noise, rng=rng)
 
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs: torch.Tensor,
@@ -173,12 +127,11 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs:
     """
     _check_t(t, x, coeffs, "coeffs", 6, check_range=not trusted_t)
     _check_like("model_out", model_out, x)
-    _check_like("noise", noise, x)
     _check_like("out", out, x)
     if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
         raise ValueError(f"clip: expected None or a positive float, got {clip!r}")
-    return _impl(backend, x.device).ddpm_step(x, model_out, t, coeffs, noise, clip,
-                                              generator=generator, out=out, rng=rng)
+    noise, rng = _resolve_noise(x, noise, generator, rng)
+    return implementation(backend, x.device).ddpm_step(x, model_out, t, coeffs, noise, clip, out=out, rng=rng)
 
 
 def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -206,12 +159,11 @@ def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     if act not in ("silu", None):
         raise ValueError(f"act: expected 'silu' or None, got {act!r}")
     if backend == "auto" and forced_backend() is None:
-        # Training: the native backward is a composite of PyTorch ops and measured slower than
-        # eager group_norm's fused backward, so "auto" keeps the reference until a fused one exists.
+        # Training: the native backward is a composite of PyTorch ops, slower than eager
+        # group_norm's fused backward, so "auto" keeps the reference until a fused one exists.
         training = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, weight, bias, temb))
-        # The native CPU kernel vectorizes float32 only; in bf16 (16x64x32x32 channels_last) it
-        # measured 4.7 ms against the reference's 1.0 ms.
+        # The native CPU kernel vectorizes float32 only: in bf16/fp16 the reference is faster.
         cpu_half = x.device.type == "cpu" and x.dtype in _CPU_HALF_TYPES
         if training or cpu_half:
             backend = "reference"
-    return _impl(backend, x.device).group_norm_act(x, weight, bias, groups, eps, temb, act)
+    return implementation(backend, x.device).group_norm_act(x, weight, bias, groups, eps, temb, act)

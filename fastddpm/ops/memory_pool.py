@@ -17,14 +17,14 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-from . import _native
+from . import native
 
 DEFAULT_LIMIT_BYTES = 8 << 30  # most bytes kept in the free lists at a time
 
 
 def available() -> bool:
     """Whether the caching allocator is built (it is part of the native CPU extension)."""
-    return _native.AVAILABLE and hasattr(torch.ops.fastddpm, "cpu_memory_pool")
+    return native.AVAILABLE and hasattr(torch.ops.fastddpm, "cpu_memory_pool")
 
 
 def stats() -> Dict[str, int]:

@@ -12,21 +12,16 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .layout import per_sample
 from .philox import PhiloxState
 
 
-def _per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> Tuple[torch.Tensor, ...]:
-    """Gather ``table[t]`` and split it into columns shaped ``[B, 1, 1, ...]`` for broadcasting."""
-    rows = table.index_select(0, t)
-    shape = (t.shape[0],) + (1,) * (ndim - 1)
-    return tuple(rows[:, i].reshape(shape) for i in range(table.shape[1]))
-
-
-def _draw(x: torch.Tensor, generator: Optional[torch.Generator], rng: Optional[PhiloxState]) -> torch.Tensor:
-    """Noise like ``x``: the Philox stream of ``rng`` (then advanced), else ``torch.randn``."""
-    if rng is not None:
-        return rng.randn(x.shape).to(x.dtype)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _draw(x: torch.Tensor, rng: Optional[PhiloxState]) -> torch.Tensor:
+    """Noise like ``x`` from the Philox stream of ``rng`` (then advanced): what the compiled
+    kernels draw in-kernel. (:mod:`fastddpm.ops` resolves a generator into a noise tensor first.)"""
+    if rng is None:
+        raise ValueError("noise: expected a noise tensor or rng= (a PhiloxState) to draw it from, got neither")
+    return rng.randn(x.shape).to(x.dtype)
 
 
 def _opmath(x: torch.Tensor) -> torch.Tensor:
@@ -35,12 +30,12 @@ def _opmath(x: torch.Tensor) -> torch.Tensor:
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
-             noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-             rng: Optional[PhiloxState] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             noise: Optional[torch.Tensor] = None, *, rng: Optional[PhiloxState] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(x_t, noise)`` with ``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise``."""
     if noise is None:
-        noise = _draw(x0, generator, rng)
-    a, b = _per_sample(table, t, x0.dim())
+        noise = _draw(x0, rng)
+    a, b = per_sample(table, t, x0.dim())
     xt = a * _opmath(x0) + b * _opmath(noise)
     return xt.to(x0.dtype), noise
 
@@ -49,22 +44,21 @@ def predicted_x0(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coef
                  clip: Optional[float] = None) -> torch.Tensor:
     """The x0 a step predicts: ``p x - q m``, clipped to ``[-clip, clip]`` when given (the first
     line of :func:`ddpm_step`; the step kernels compute the same)."""
-    p, q = _per_sample(coeffs[:, :2], t, x.dim())
+    p, q = per_sample(coeffs[:, :2], t, x.dim())
     x0 = p * x - q * model_out
     return x0.clamp(-clip, clip) if clip is not None else x0
 
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs: torch.Tensor,
-              noise: Optional[torch.Tensor] = None, clip: Optional[float] = None,
-              generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None,
-              rng: Optional[PhiloxState] = None) -> torch.Tensor:
+              noise: Optional[torch.Tensor] = None, clip: Optional[float] = None, *,
+              out: Optional[torch.Tensor] = None, rng: Optional[PhiloxState] = None) -> torch.Tensor:
     """One reverse step: ``x0 = p x - q m`` (clipped to ``[-clip, clip]`` when given), then
-    ``m1 x0 + m2 x + m3 m + s z``. ``z`` is ``noise``, else drawn (see :func:`_draw`)."""
-    _, _, m1, m2, m3, s = _per_sample(coeffs, t, x.dim())
+    ``m1 x0 + m2 x + m3 m + s z``. ``z`` is ``noise``, else drawn from ``rng``."""
+    _, _, m1, m2, m3, s = per_sample(coeffs, t, x.dim())
     xf, mf = _opmath(x), _opmath(model_out)
     x0 = predicted_x0(xf, mf, t, coeffs, clip)
     if noise is None:
-        noise = _draw(x, generator, rng)
+        noise = _draw(x, rng)
     result = (m1 * x0 + m2 * xf + m3 * mf + s * _opmath(noise)).to(x.dtype)
     if out is not None:
         out.copy_(result)

@@ -20,7 +20,8 @@ try:
     import triton  # noqa: F401
 
     from . import ddpm_step_op, group_norm_act_op, q_sample_op  # noqa: F401  (importing registers the ops)
-    from ..compiled import CompiledOps, register_autograd
+    from ..autograd import register_autograd
+    from ..compiled import CompiledOps
 
     register_autograd("fastddpm_triton")
     AVAILABLE = True

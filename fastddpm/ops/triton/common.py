@@ -10,7 +10,7 @@ import os
 import triton
 import triton.language as tl
 
-from ..compiled import dense_memory_format
+from ..layout import dense_memory_format
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTDDPM_TRITON_AUTOTUNE=0: take each space's first config (a good default) without tuning; tests

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..compiled import dense_empty_like
+from ..layout import dense_empty_like
 from .common import ELEMENTWISE_SPACE, configs, dense_like, normal_tile
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..compiled import dense_empty_like, stat_dtype
+from ..layout import dense_empty_like, stat_dtype
 from .common import configs, dense_like
 
 ONEPASS_MAX = 8192  # largest group (values) held in one program's registers

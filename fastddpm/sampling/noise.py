@@ -1,0 +1,110 @@
+"""Where the sampler's noise comes from, decided once per run.
+
+Two sources, one interface (:meth:`NoiseSource.initial` for x_T, :meth:`NoiseSource.step` for a
+step that adds noise):
+
+* ``"generator"`` — ``torch.randn`` from a ``torch.Generator``, drawn in the reference sampler's
+  order (x_T first, then one draw per noisy step): results equal
+  :func:`fastddpm.reference_sample`'s in float32.
+* ``"philox"`` — counter-based Philox4x32-10 noise drawn inside the step kernel from a device-side
+  state (:class:`fastddpm.ops.PhiloxState`): no extra pass over memory, reproducible from the seed,
+  and safe inside CUDA graphs (each draw advances the state on the device).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional, Tuple
+
+import torch
+
+from ..ops import PhiloxState
+from ..utils import same_device
+
+NOISE_SOURCES = ("generator", "philox")
+
+
+class NoiseSource:
+    """The noise of one reverse-process run (see the module docstring)."""
+
+    kind: str = ""
+
+    def initial(self, shape, device: torch.device) -> torch.Tensor:
+        """x_T: standard normal noise of ``shape``."""
+        raise NotImplementedError
+
+    def step(self, buffer: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[PhiloxState]]:
+        """The noise argument of one noisy ``ops.ddpm_step``: ``(tensor, None)`` drawn into
+        ``buffer``, or ``(None, state)`` for the kernel to draw from."""
+        raise NotImplementedError
+
+    def check_device(self, device: torch.device) -> None:
+        """Raise a ValueError unless this source draws on ``device``."""
+
+    @staticmethod
+    def resolve(kind: str = "generator", *, seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                rng: Optional[PhiloxState] = None, device="cpu") -> "NoiseSource":
+        """The source a user asked for: ``kind`` with a ``seed`` (default: a random one), or an
+        explicit ``generator`` (for ``"generator"``) or ``rng`` (for ``"philox"``), used as is."""
+        if kind not in NOISE_SOURCES:
+            raise ValueError(f"noise_source: expected one of {NOISE_SOURCES}, got {kind!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        device = torch.device(device)
+        if kind == "generator":
+            if rng is not None:
+                raise ValueError("rng: a PhiloxState drives noise_source='philox'; with 'generator' pass generator=")
+            if generator is None:
+                generator = torch.Generator(device).manual_seed(random.randrange(2**62) if seed is None else seed)
+            elif seed is not None:
+                raise ValueError("seed / generator: give one (a given generator carries its own seed)")
+            return GeneratorNoise(generator)
+        if generator is not None:
+            raise ValueError("generator: not used with noise_source='philox'; pass seed= instead")
+        if rng is None:
+            rng = PhiloxState(random.randrange(2**62) if seed is None else seed, device=device)
+        elif seed is not None:
+            raise ValueError("seed / rng: give one (a given PhiloxState carries its own seed)")
+        return PhiloxNoise(rng)
+
+
+class GeneratorNoise(NoiseSource):
+    """``torch.randn`` draws from ``generator`` (advanced by every draw)."""
+
+    kind = "generator"
+
+    def __init__(self, generator: torch.Generator):
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+        self.generator = generator
+
+    def initial(self, shape, device) -> torch.Tensor:  # noqa: D102
+        return torch.randn(tuple(shape), generator=self.generator, device=device)
+
+    def step(self, buffer):  # noqa: D102
+        return torch.randn(buffer.shape, generator=self.generator, device=buffer.device, out=buffer), None
+
+    def check_device(self, device):  # noqa: D102
+        if not same_device(self.generator.device, device):
+            raise ValueError(f"generator: expected a generator on {device}, got one on {self.generator.device}")
+
+
+class PhiloxNoise(NoiseSource):
+    """In-kernel Philox noise from ``state`` (advanced on the device by every draw)."""
+
+    kind = "philox"
+
+    def __init__(self, state: PhiloxState):
+        if not isinstance(state, PhiloxState):
+            raise TypeError(f"rng: expected a fastddpm.ops.PhiloxState, got {type(state).__name__}")
+        self.state = state
+
+    def initial(self, shape, device) -> torch.Tensor:  # noqa: D102
+        return self.state.randn(tuple(shape))
+
+    def step(self, buffer):  # noqa: D102
+        return None, self.state
+
+    def check_device(self, device):  # noqa: D102
+        if not same_device(self.state.device, device):
+            raise ValueError(f"rng: expected a PhiloxState on {device}, got one on {self.state.device}")
