@@ -2,7 +2,7 @@
 # One prepared check for a machine with an NVIDIA GPU (DESIGN.md section 6). Builds the extension
 # with CUDA for that machine's torch, runs the GPU tests (native CUDA kernels, Triton kernels, the
 # sampler), then the GPU benchmarks (ops, then the sampler, whose torch.compile row comes last).
-# Results go to ${OUT:-gpu_results}/. About 9 minutes on an H200.
+# Results go to ${OUT:-gpu_results}/. Its run time on an H200: docs/performance.md#measurements-behind-the-code.
 #
 #     bash benchmarks/gpu_check.sh [all | a comma list of op-tests,op-bench,sampler-tests,sampler-bench]
 set -uo pipefail

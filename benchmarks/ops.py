@@ -135,7 +135,7 @@ def fast_backends(device: torch.device) -> List[str]:
 def _with_pool_variants(cases: List[Dict], device: torch.device) -> List[Dict]:
     """On CPU, each case whose ops allocate their outputs also runs inside ``cpu_memory_pool`` (the
     reference too): glibc maps large blocks afresh on every call, and the page faults of writing
-    them can cost more than the op itself (measured: 8,000 faults, ~6 ms, for one 32 MiB output)."""
+    them can cost more than the op itself (measurements: docs/performance.md#measurements-behind-the-code)."""
     if device.type != "cpu" or not ops.memory_pool.available():
         return cases
     out = []

@@ -62,7 +62,8 @@ def run(quick: bool = False) -> List[Dict]:
     jobs = [("mnist", "bundled mnist (by name)", 16, calls, [("eager", {}), ("eager, reuse=False", {"reuse": False})])]
     if not quick:
         jobs[0][4].extend([("compiled", {"compile": True}), ("compiled + frozen", {"compile": True, "freeze": True})])
-        # cifar10: a 10-step call is ~10 s here, so 3 calls; its setup is Winograd and channels_last
+        # cifar10: a 10-step call is long on a CPU, so 3 calls (measurements:
+        # docs/performance.md#measurements-behind-the-code); its setup is Winograd and channels_last
         jobs.append((random_unet("cifar10"), "cifar10 U-Net (object)", 16, 3,
                      [("eager, Winograd", {}), ("eager, Winograd, reuse=False", {"reuse": False})]))
     rows = []

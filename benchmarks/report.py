@@ -4,8 +4,9 @@
 
 Sections: ``ops`` (the three fused ops and the U-Net forward, with GB/s against a plain copy),
 ``train`` (one training step), ``sampler`` (the full sampler), ``diffusers`` (DDPMPipeline on the
-same weights and noise; needs diffusers). ``--quick`` uses small sizes and fits in about two
-minutes on a 2-core CPU. Times are medians of ``--rounds`` rounds; never run it beside other work.
+same weights and noise; needs diffusers). ``--quick`` uses small sizes, for a short run (durations:
+docs/performance.md#measurements-behind-the-code). Times are medians of ``--rounds`` rounds;
+never run it beside other work.
 """
 
 from __future__ import annotations

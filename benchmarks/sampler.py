@@ -56,7 +56,8 @@ def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
     on all of them alike."""
     device = torch.device("cpu")
     rows = []
-    # cifar10 on this CPU: 10 steps (0.7 s a step; 1000 steps of each variant would take 12 minutes)
+    # cifar10: 10 steps timed, per-step times reported: a cifar10 step on a CPU is too slow for 1000
+    # steps of every variant in one run (measurements: docs/performance.md#measurements-behind-the-code)
     jobs = [("mnist", 16, 10 if quick else 100)] + ([] if quick else [("mnist", 16, 1000), ("cifar10", 16, 10)])
     for preset, batch, steps in jobs:
         n_rounds = 1 if steps >= 1000 else rounds

@@ -1,6 +1,8 @@
 // The schemas of the three fused ops (one place) and the Python module stub that loads them.
-// Implementations register per device in cpu/ and cuda/; fake kernels and autograd live in
-// fastddpm/ops/_native.py.
+// Implementations register per device in cpu/ and cuda/ (the CPU-only winograd_conv3x3 and
+// cpu_memory_pool ops declare their own schemas beside their kernels); the Python side is
+// fastddpm/ops/: native.py loads this library, fakes.py and autograd.py register the fake kernels
+// and backward formulas.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -54,7 +54,8 @@ def cpu_flags() -> Optional[FrozenSet[str]]:
 
 def cpu_has_bf16_arithmetic() -> Optional[bool]:
     """Whether this CPU computes in bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of
-    ``/proc/cpuinfo``); None where the flags cannot be read. Elsewhere bf16 is emulated in fp32:
-    a bf16 sampler measured 5-6x slower than fp32 on an AMD EPYC (Zen 3)."""
+    ``/proc/cpuinfo``); None where the flags cannot be read. Elsewhere bf16 is emulated in fp32,
+    which makes a bf16 sampler several times slower than an fp32 one (measurements:
+    docs/performance.md#measurements-behind-the-code)."""
     flags = cpu_flags()
     return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -12,7 +12,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastddpm import Schedule, UNet  # noqa: E402
-from fastddpm.bench.models import randomize_zero_init  # noqa: E402,F401 - tests import it from here
+try:  # benchmarks/models.py, installed as fastddpm.bench.models (tests import it from here)
+    from fastddpm.bench.models import randomize_zero_init  # noqa: E402,F401
+except ImportError:  # a checkout used in place (benchmarks/gpu_check.sh: build_ext --inplace, PYTHONPATH)
+    from benchmarks.models import randomize_zero_init  # noqa: E402,F401
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 // Large op outputs on transparent huge pages. A fresh large block from glibc is a new mapping,
-// and the first write of each 4 KiB page is a page fault: on this project's CPU (a KVM guest)
-// writing a fresh 64 MiB block cost ~50 ms of faults against ~5 ms on 2 MiB pages (and ~4 ms
-// for the writes themselves), so an op's as-called time was mostly its outputs' faults.
+// and the first write of each 4 KiB page is a page fault; on 2 MiB pages the same block takes 512
+// times fewer. Where faults are expensive (in a virtual machine they are), an op's as-called time
+// was mostly its outputs' faults, not their writes (measurements: docs/performance.md#measurements-behind-the-code).
 // c10 can do the same for every allocation (THP_MEM_ALLOC_ENABLE=1, read once at startup);
 // this does it for the ops' own outputs only.
 #include "huge_pages.h"

@@ -1,10 +1,11 @@
 // A caching CPU allocator for loops that allocate the same tensors every iteration (the sampler's
 // U-Net forward, a training step). glibc serves large blocks with mmap and returns them on free,
-// so each iteration pays a page fault per 4 KiB of every large activation it writes: measured
-// 8,000 faults and ~10 ms of a 48 ms mnist sampler step on this CPU. While enabled, this allocator
-// stands in for c10's CPU allocator and keeps freed blocks of >= kMinBytes in per-size free lists,
-// so a steady loop reuses memory that is already mapped. Disabling restores the previous allocator
-// and frees the cache; blocks still alive then are freed normally when their tensors die.
+// so each iteration pays a page fault per 4 KiB of every large activation it writes, a sizeable
+// share of a small model's sampler step (measurements: docs/performance.md#measurements-behind-the-code).
+// While enabled, this allocator stands in for c10's CPU allocator and keeps freed blocks of
+// >= kMinBytes in per-size free lists, so a steady loop reuses memory that is already mapped.
+// Disabling restores the previous allocator and frees the cache; blocks still alive then are freed
+// normally when their tensors die.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>

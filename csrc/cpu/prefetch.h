@@ -1,7 +1,8 @@
 // Software prefetch spread over a compute-bound loop, so that the memory-bound loop after it finds
-// its lines in cache: the in-kernel noise is generated in L1-sized pieces (compute: ~2 ns a
-// normal), then applied to the piece's inputs and outputs (memory). Without this the two phases
-// alternate and memory idles while the generator runs.
+// its lines in cache: the in-kernel noise is generated in L1-sized pieces (compute: the generator's
+// arithmetic, not memory, sets its pace), then applied to the piece's inputs and outputs (memory).
+// Without this the two phases alternate and memory idles while the generator runs (measurements:
+// docs/performance.md#measurements-behind-the-code).
 #pragma once
 
 #include <cstdint>

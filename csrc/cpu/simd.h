@@ -71,8 +71,8 @@ struct V {
   FDDPM_SIMD F max(F a, F b) { return _mm256_max_ps(a, b); }
   FDDPM_SIMD F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   FDDPM_SIMD I cvt_nearest(F a) { return _mm256_cvtps_epi32(a); }  // MXCSR's rounding: to nearest
-  // a / b: the division itself (on Zen 3 a SiLU row with it measured 1.2x faster than with a
-  // reciprocal and a Newton step, and it is exact)
+  // a / b: the division itself (on AVX2 a SiLU row with it measured faster than with a reciprocal
+  // and a Newton step, and it is exact; measurements: docs/performance.md#measurements-behind-the-code)
   FDDPM_SIMD F quotient(F a, F b) { return _mm256_div_ps(a, b); }
   FDDPM_SIMD M less(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   // lanes where (a & b) == 0
@@ -146,7 +146,8 @@ struct V {
   FDDPM_SIMD F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   FDDPM_SIMD I cvt_nearest(F a) { return _mm512_cvtps_epi32(a); }  // MXCSR's rounding: to nearest
   // a / b as a 14-bit reciprocal and one Newton step (relative error ~1e-7): a 16-lane division
-  // is slow on Intel cores (this is the form the AVX-512 SiLU was measured with)
+  // is slow on Intel cores (the AVX-512 SiLU row in docs/performance.md#measurements-behind-the-code
+  // was measured in this form)
   FDDPM_SIMD F quotient(F a, F b) {
     const F r = _mm512_rcp14_ps(b);
     return _mm512_mul_ps(a, _mm512_mul_ps(r, _mm512_fnmadd_ps(b, r, _mm512_set1_ps(2.0f))));

@@ -3,9 +3,10 @@
 // instead of 36: the input tile d (4x4) becomes V = B^T d B, the weights g (3x3) become
 // U = G g G^T (done once, in Python: fastddpm/models/winograd.py), the 16 positions are 16 GEMMs
 // M[p] = V[p] U[p] over channels, and the output is Y = A^T M A. The transforms are additions only.
-// Work goes in blocks of tiles sized so a block's V and M (2 MiB each) stay in cache between the transforms
-// (parallel over the block's tiles) and the GEMMs (one at::bmm: MKL, parallel over positions). The arithmetic differs from a direct convolution only by rounding (the
-// transforms' sums): measured 2x the direct convolution's error against float64.
+// Work goes in blocks of tiles sized so a block's V and M (2 MiB each) stay in cache between the
+// transforms (parallel over the block's tiles) and the GEMMs (one at::bmm: MKL, parallel over
+// positions). The arithmetic differs from a direct convolution only by rounding (the transforms'
+// sums): measured 2x the direct convolution's error against float64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,7 +19,9 @@
 namespace fastddpm {
 namespace {
 
-constexpr int64_t kBlockBytes = 2048 * 1024;  // bytes of V (and of M) per block: measured best of 0.25-8 MiB
+// Bytes of V (and of M) per block: chosen by a sweep over 0.25-8 MiB, where 2 MiB was fastest
+// (measurements: docs/performance.md#measurements-behind-the-code).
+constexpr int64_t kBlockBytes = 2048 * 1024;
 
 // The 4-point transforms of F(2x2, 3x3): B^T v (input) and A^T v (output), additions only.
 inline void bt4(float d0, float d1, float d2, float d3, float& o0, float& o1, float& o2, float& o3) {

@@ -1,10 +1,11 @@
 """``cpu_memory_pool()``: reuse CPU memory across the iterations of a loop (csrc/cpu/memory_pool.cpp).
 
 glibc hands large blocks back to the kernel on free, so a loop that allocates the same activations
-every iteration pays a page fault per 4 KiB written, every iteration (on this project's CPU: 8,000
-faults, a fifth of an mnist sampler step). Inside ``with cpu_memory_pool():`` freed CPU blocks of
-64 KiB or more are kept and handed out again for the same size; on exit the cache is freed and
-the previous allocator is back. Results are unchanged; only where the bytes live changes.
+pays a page fault per 4 KiB written, every iteration: a sizeable share of a small model's sampler
+step (measurements: docs/performance.md#measurements-behind-the-code). Inside
+``with cpu_memory_pool():`` freed CPU blocks of 64 KiB or more are kept and handed out again for
+the same size; on exit the cache is freed and the previous allocator is back. Results are
+unchanged; only where the bytes live changes.
 
 Without the native extension this is a no-op (``stats()["enabled"]`` stays False).
 """

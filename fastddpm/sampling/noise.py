@@ -68,6 +68,23 @@ class NoiseSource:
         return PhiloxNoise(rng)
 
 
+    @staticmethod
+    def given(noise: Optional["NoiseSource"] = None, generator: Optional[torch.Generator] = None,
+              rng: Optional[PhiloxState] = None, device="cpu") -> "NoiseSource":
+        """The source of a :meth:`Sampler.run`: a ``NoiseSource``, or for short a ``generator``
+        or an ``rng``; with none, Philox seeded from torch's RNG. Checked to draw on ``device``."""
+        given = [name for name, v in (("noise", noise), ("generator", generator), ("rng", rng)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"noise / generator / rng: give one noise source, got {' and '.join(given)}")
+        if noise is None:
+            noise = GeneratorNoise(generator) if generator is not None else \
+                PhiloxNoise(rng if rng is not None else PhiloxState(device=device))
+        elif not isinstance(noise, NoiseSource):
+            raise TypeError(f"noise: expected a fastddpm.NoiseSource, got {type(noise).__name__}")
+        noise.check_device(torch.device(device))
+        return noise
+
+
 class GeneratorNoise(NoiseSource):
     """``torch.randn`` draws from ``generator`` (advanced by every draw)."""
 

@@ -20,7 +20,7 @@ from .. import ops
 from ..ops import PhiloxState
 from ..schedule import Schedule
 from ..utils import resolve_device
-from .noise import GeneratorNoise, NoiseSource, PhiloxNoise
+from .noise import NoiseSource, PhiloxNoise
 from .options import SpeedOptions
 from .prepare import prepare_model
 
@@ -108,7 +108,7 @@ class Sampler:
             timestep, the new x and the x0 the model predicted (eager loop only; it makes the loop
             wait for each step).
         """
-        noise = self._noise_source(noise, generator, rng)
+        noise = NoiseSource.given(noise, generator, rng, self.device)
         start = self.steps - 1 if start is None else start
         if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < self.steps:
             raise ValueError(f"start: expected a schedule index in [0, {self.steps}), got {start!r}")
@@ -130,19 +130,6 @@ class Sampler:
         else:
             self._run_eager(noise, start, step_hook, callback, progress)
         return self.x.clone()
-
-    def _noise_source(self, noise, generator, rng) -> NoiseSource:
-        if noise is None:
-            if generator is not None and rng is not None:
-                raise ValueError("generator / rng: give one noise source, not both")
-            noise = GeneratorNoise(generator) if generator is not None else \
-                PhiloxNoise(rng if rng is not None else PhiloxState(device=self.device))
-        elif generator is not None or rng is not None:
-            raise ValueError("noise / generator / rng: give one noise source")
-        if not isinstance(noise, NoiseSource):
-            raise TypeError(f"noise: expected a fastddpm.sampling.NoiseSource, got {type(noise).__name__}")
-        noise.check_device(self.device)
-        return noise
 
     def _run_eager(self, noise: NoiseSource, start: int, step_hook, callback, progress: bool):
         from tqdm.auto import tqdm
