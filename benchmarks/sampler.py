@@ -43,6 +43,7 @@ def _reference(model, schedule, shape, device, seed):
 
 
 def _fast(model, schedule, shape, device, seed, **options):
+    options.setdefault("channels_last", False)  # rows name channels_last where it is on; else NCHW
     coeffs = schedule.table("step", device, sampler="ddpm", variance="fixed_large")
     sampler = Sampler(model, schedule, coeffs, shape, device=device, **options)
     return lambda: sampler.run(generator=torch.Generator(device).manual_seed(seed))
@@ -153,6 +154,7 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
     def big_run(name, options, runs=2):
         """1000 steps at the big batch; with runs=2 the first run (capture, compile) is not timed."""
         torch._dynamo.reset()  # a fresh model each time: channels_last converts one in place
+        options = {"channels_last": False, **options}  # NCHW unless the row names channels_last
         sampler = Sampler(_model("cifar10", device), full, coeffs, big, device=device, **options)
         first = _timed(lambda s=sampler: s.run(rng=PhiloxState(0, device=device)), device, 1)["median"]
         t = (_timed(lambda s=sampler: s.run(rng=PhiloxState(0, device=device)), device, 1) if runs > 1
@@ -166,7 +168,7 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
     steps = 200
     schedule = full.respaced(steps)
     coeffs1 = schedule.table("step", device, sampler="ddpm", variance="fixed_large")
-    eager = Sampler(model1, schedule, coeffs1, (1, 3, 32, 32), device=device)
+    eager = Sampler(model1, schedule, coeffs1, (1, 3, 32, 32), device=device, channels_last=False)
     eager.run(rng=PhiloxState(0, device=device))
     base = _timed(lambda: eager.run(rng=PhiloxState(0, device=device)), device, rounds)["median"]
     rows.append(_report(dict(name=f"cifar10 batch 1, {steps} steps, eager fp32", fast_s=base,
@@ -174,7 +176,8 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
     for k in (1, 10, 50):
         torch.cuda.synchronize()
         mem0 = torch.cuda.memory_allocated()
-        sampler = Sampler(model1, schedule, coeffs1, (1, 3, 32, 32), device=device, cuda_graph=True, graph_steps=k)
+        sampler = Sampler(model1, schedule, coeffs1, (1, 3, 32, 32), device=device, cuda_graph=True, graph_steps=k,
+                          channels_last=False)
         start = time.perf_counter()
         sampler.run(rng=PhiloxState(0, device=device))
         torch.cuda.synchronize()

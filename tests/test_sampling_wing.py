@@ -53,6 +53,23 @@ def test_a_model_whose_weights_changed_is_never_sampled_stale(tiny_unet, short_s
     assert torch.equal(after, fresh) and not torch.equal(after, before)
 
 
+def test_a_winograd_copy_is_prepared_again_after_the_weights_change(tiny_unet, short_schedule, monkeypatch):
+    """Winograd runs a copy with transformed weights: the cache must notice the original changed."""
+    from fastddpm.models import winograd
+
+    if not winograd.available():
+        pytest.skip("native extension not built")
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)  # the tiny model's convs are all narrow
+    clear_cache()
+    ddpm = DDPM(tiny_unet, short_schedule)
+    before = _sample(ddpm, winograd=True)
+    with torch.no_grad():
+        tiny_unet.conv_out.weight.mul_(-1)
+    after = _sample(ddpm, winograd=True)
+    torch.testing.assert_close(after, _sample(ddpm, winograd=False), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
 def test_a_frozen_snapshot_is_prepared_again_after_the_weights_change(tiny_unet, short_schedule):
     """freeze compiles a copy of the weights: the cache must notice the original changed."""
     clear_cache()

@@ -52,9 +52,11 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
   // Stand in for the current CPU allocator; `limit` bounds the bytes kept in the free lists.
+  // Scopes nest: only the outermost enable takes effect (and sets the limit), and only the
+  // matching outermost disable restores the previous allocator.
   void enable(int64_t limit) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (enabled_) return;
+    if (depth_++ > 0) return;
     previous_ = c10::GetCPUAllocator();
     limit_ = static_cast<size_t>(limit);
     hits_ = misses_ = 0;
@@ -67,7 +69,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (!enabled_) return;
+      if (depth_ == 0 || --depth_ > 0) return;
       c10::SetCPUAllocator(previous_, /*priority=*/0);
       enabled_ = false;
       for (auto& [size, blocks] : free_) drop.insert(drop.end(), blocks.begin(), blocks.end());
@@ -110,6 +112,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::mutex mu_;
   c10::Allocator* previous_ = nullptr;
   bool enabled_ = false;
+  int64_t depth_ = 0;  // nesting of enable/disable pairs
   size_t limit_ = 0, cached_bytes_ = 0;
   int64_t hits_ = 0, misses_ = 0;
   std::unordered_map<size_t, std::vector<void*>> free_;

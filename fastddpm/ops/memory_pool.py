@@ -36,17 +36,14 @@ def stats() -> Dict[str, int]:
                     torch.ops.fastddpm.cpu_memory_pool_stats()))
 
 
-_depth = 0
-
-
 @contextlib.contextmanager
 def cpu_memory_pool(limit_bytes: Optional[int] = None) -> Iterator[None]:
-    """Serve CPU allocations from a cache of freed blocks inside the ``with`` block (re-entrant).
+    """Serve CPU allocations from a cache of freed blocks inside the ``with`` block (re-entrant:
+    the allocator counts nested scopes, and the outermost one's limit holds).
 
     ``limit_bytes`` bounds the bytes held by the cache (default 8 GiB, or
     ``FASTDDPM_CPU_POOL_LIMIT``); blocks freed beyond it go back to the system.
     """
-    global _depth
     if limit_bytes is None:
         limit_bytes = int(os.environ.get("FASTDDPM_CPU_POOL_LIMIT", DEFAULT_LIMIT_BYTES))
     if not isinstance(limit_bytes, int) or limit_bytes < 0:
@@ -54,12 +51,8 @@ def cpu_memory_pool(limit_bytes: Optional[int] = None) -> Iterator[None]:
     if not available():
         yield
         return
-    if _depth == 0:
-        torch.ops.fastddpm.cpu_memory_pool(True, limit_bytes)
-    _depth += 1
+    torch.ops.fastddpm.cpu_memory_pool(True, limit_bytes)
     try:
         yield
     finally:
-        _depth -= 1
-        if _depth == 0:
-            torch.ops.fastddpm.cpu_memory_pool(False, 0)
+        torch.ops.fastddpm.cpu_memory_pool(False, 0)
