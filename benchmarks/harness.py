@@ -9,7 +9,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 
-def _sync(device: torch.device):
+def sync(device: torch.device):
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -33,7 +34,7 @@ def measure_interleaved(fns: Dict[str, Callable[[], object]], *, rounds: int = 7
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":  # GPU rounds are events around back-to-back calls; they do not drift
         return {name: _measure_cuda(fn, rounds=rounds, min_time=max(min_time, 0.02)) for name, fn in fns.items()}
     times: Dict[str, List[float]] = {name: [] for name in fns}
@@ -104,10 +105,10 @@ def time_rounds(fn: Callable[[], object], device, rounds: int) -> Tuple[Dict[str
     device = torch.device(device)
     times, result = [], None
     for _ in range(rounds):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         result = fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}, result
 

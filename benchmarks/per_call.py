@@ -1,4 +1,4 @@
-"""Per-call view of the sampler: what a user pays for each ``fastddpm.sample()`` call, against one
+"""The "calls" section, the per-call view of the sampler: what a user pays for each ``fastddpm.sample()`` call, against one
 prepared :class:`fastddpm.Sampler` run as often.
 
 For each variant, ``calls`` calls of ``sample()`` (the bundled mnist model by name, or a cifar10
@@ -12,6 +12,7 @@ before prepared samplers were kept) beside it.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Dict, List
@@ -56,9 +57,19 @@ def measure_variant(model, steps: int, calls: int, n: int, options: Dict, reuse:
                 calls=calls, steps=steps)
 
 
-def run(quick: bool = False) -> List[Dict]:
-    """The per-call rows on the CPU (the bundled mnist model by name; a cifar10 U-Net object)."""
-    steps, calls = (2, 2) if quick else (10, 10)
+def run(device="cpu", quick: bool = False, rounds: int = 10) -> Dict:
+    """The per-call rows on the CPU (the bundled mnist model by name; a cifar10 U-Net object);
+    ``rounds``: calls per mnist variant."""
+    import platform
+
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"device: the calls section runs on the CPU, got {device!r}")
+    return dict(device="cpu", torch=torch.__version__, threads=torch.get_num_threads(),
+                machine=platform.processor() or platform.machine(), rows=_rows(quick, rounds))
+
+
+def _rows(quick: bool, calls: int) -> List[Dict]:
+    steps, calls = (2, 2) if quick else (10, calls)
     jobs = [("mnist", "bundled mnist (by name)", 16, calls, [("eager", {}), ("eager, reuse=False", {"reuse": False})])]
     if not quick:
         jobs[0][4].extend([("compiled", {"compile": True}), ("compiled + frozen", {"compile": True, "freeze": True})])
@@ -73,14 +84,17 @@ def run(quick: bool = False) -> List[Dict]:
             reuse = options.pop("reuse", True)
             r = measure_variant(model, steps, n_calls, n, options, reuse=reuse)
             rows.append(dict(name=f"{label}, batch {n}, {steps} steps: {name}", **r))
-            print(rows[-1], flush=True)
+            print(json.dumps(rows[-1]), flush=True)
     clear_cache()
     return rows
 
 
-def markdown(rows: List[Dict]) -> str:
+def markdown(result: Dict) -> str:
     """The per-call rows as a markdown table."""
-    lines = ["| case | first call | repeated call (median) | prepared sampler run | setup per call | "
+    rows = result["rows"]
+    lines = ["`fastddpm.sample()` called repeatedly against one prepared `Sampler` run as often, interleaved; "
+             "setup = the difference of the medians; its share of a 100-step call = setup / (10 x the 10-step "
+             "run)", "","| case | first call | repeated call (median) | prepared sampler run | setup per call | "
              "setup / 100-step call |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} ({r['calls']} calls) | {r['first_call_s']:.2f} s | {r['call_s']:.3f} s | "

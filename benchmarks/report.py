@@ -1,10 +1,15 @@
 """``fastddpm bench``: run benchmark sections, print their tables, write JSON, markdown and a plot.
 
-    fastddpm bench [--quick] [--device cpu|cuda] [--only ops,train,sampler,diffusers] [--out DIR]
+    fastddpm bench [--quick] [--device cpu|cuda] [--only ops,train,sampler,calls,diffusers,likelihood,edits] [--out DIR]
+                   [--merge]
 
 Sections: ``ops`` (the three fused ops and the U-Net forward, with GB/s against a plain copy),
-``train`` (one training step), ``sampler`` (the full sampler), ``diffusers`` (DDPMPipeline on the
-same weights and noise; needs diffusers). ``--quick`` uses small sizes, for a short run (durations:
+``train`` (one training step), ``sampler`` (the full sampler), ``calls`` (repeated ``sample()``
+calls against one prepared sampler), ``diffusers`` (DDPMPipeline on the same weights and noise;
+needs diffusers), ``likelihood`` (bits/dim: the batched fast path against the per-t loop), ``edits``
+(reconstruct and denoise from t = 500 against the textbook loop).
+``--merge`` adds the sections run to an existing report in ``--out`` (a partial rerun) instead of
+replacing it. ``--quick`` uses small sizes, for a short run (durations:
 docs/performance.md#measurements-behind-the-code). Times are medians of ``--rounds`` rounds;
 never run it beside other work.
 """
@@ -21,15 +26,18 @@ from typing import Dict, List, Optional
 
 import torch
 
-SECTIONS = ("ops", "train", "sampler", "diffusers")
-_MODULES = {"ops": "ops", "train": "train", "sampler": "sampler", "diffusers": "diffusers_cmp"}
+SECTIONS = ("ops", "train", "sampler", "calls", "diffusers", "likelihood", "edits")
+_MODULES = {"ops": "ops", "train": "train", "sampler": "sampler", "calls": "per_call", "diffusers": "diffusers_cmp",
+            "likelihood": "likelihood", "edits": "edits"}
 
 
 def run(sections=SECTIONS, device="cpu", quick=False, rounds: Optional[int] = None) -> Dict:
     """Run ``sections`` on ``device``; returns ``{"machine": ..., "sections": {name: result}}``."""
     from fastddpm import ops
+    from fastddpm.utils import cpu_model_name
 
     result = dict(machine=dict(device=str(device), processor=platform.processor() or platform.machine(),
+                               cpu_model=cpu_model_name(),
                                threads=torch.get_num_threads(), torch=torch.__version__,
                                gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
                                native=ops.native_status(), triton=ops.triton_status()),
@@ -59,7 +67,7 @@ def section_markdown(name: str, section: Dict) -> str:
 def markdown(result: Dict) -> str:
     """The whole report as markdown."""
     m = result["machine"]
-    head = (f"# fastddpm benchmarks\n\n{m['gpu'] or m['processor']}, {m['threads']} threads, torch {m['torch']}; "
+    head = (f"# fastddpm benchmarks\n\n{m['gpu'] or m.get('cpu_model') or m['processor']}, {m['threads']} threads, torch {m['torch']}; "
             f"native: {m['native']}; triton: {m['triton']}{' (--quick)' if result['quick'] else ''}\n")
     return "\n".join([head] + [section_markdown(n, s) for n, s in result["sections"].items()])
 
@@ -98,6 +106,7 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     p.add_argument("--rounds", type=int, default=None, help="rounds per timing (default: per section)")
     p.add_argument("--out", default="bench_results", help="directory for bench.json, bench.md, bench.png")
+    p.add_argument("--merge", action="store_true", help="add the sections run to the report already in --out")
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -105,6 +114,15 @@ def main(argv=None):
         p.error(f"--only: unknown sections {unknown}; expected some of {list(SECTIONS)}")
     result = run(sections, args.device, args.quick, args.rounds)
     os.makedirs(args.out, exist_ok=True)
+    previous = os.path.join(args.out, "bench.json")
+    if args.merge and os.path.exists(previous):
+        with open(previous) as f:
+            merged = json.load(f)
+        same = ("processor", "threads", "native", "device")
+        if any(merged.get("machine", {}).get(k) != result["machine"][k] for k in same):
+            p.error(f"--merge: {previous} was measured on another machine or setup ({merged.get('machine')})")
+        merged["sections"].update(result["sections"])
+        result = merged
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(args.out, "bench.md"), "w") as f:

@@ -21,7 +21,6 @@ from fastddpm import Sampler, Schedule, UNet, ops, reference_sample
 from fastddpm.models import winograd
 from fastddpm.ops import PhiloxState
 
-from . import per_call
 from .harness import interleaved_rounds, measure, time_rounds
 from .models import random_unet
 
@@ -207,7 +206,6 @@ def run(device="cpu", quick=False, rounds=3) -> Dict:
         result["rows"] = gpu_rows(quick, rounds)
     else:
         result["rows"] = cpu_rows(quick, rounds)
-        result["per_call"] = per_call.run(quick)
         if not quick:
             result["step_overhead"] = step_overhead(rounds)
             result["bf16_vs_fp32"] = bf16_quality()
@@ -230,9 +228,6 @@ def markdown(result: Dict) -> str:
     if result["device"] == "cpu":
         lines += ["", "CPU rows: the reference and every variant of a preset, each on its own copy of the model, "
                       "timed in turn within each round (interleaved), so the machine's drift falls on all alike"]
-    if result.get("per_call"):
-        lines += ["", "Per call (`fastddpm.sample()` called repeatedly against one prepared `Sampler` run as often, "
-                      "interleaved; setup = the difference of the medians):", "", per_call.markdown(result["per_call"])]
     if "step_overhead" in result:
         o = result["step_overhead"]
         lines += ["", f"Step outside the U-Net (mnist batch 16, eager loop with a stand-in model): "

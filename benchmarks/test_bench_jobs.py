@@ -85,3 +85,38 @@ def test_per_call(benchmark, path, quick):
     torch.testing.assert_close(call(), run(), rtol=0, atol=1e-6)  # the same samples either way
     benchmark.group = f"per call: mnist batch 16, {steps} steps"
     benchmark.pedantic(call if path == "sample() call" else run, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.fixture(scope="module")
+def bits_per_dim_jobs():
+    """The "likelihood" section's two paths at its quick size (the bundled model, 2 MNIST images,
+    all 1000 timesteps), and the reference's result computed once to check each timed result against."""
+    from fastddpm.bench.likelihood import jobs
+
+    fns = jobs(2)
+    return fns, fns["reference"]()
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_bits_per_dim(benchmark, bits_per_dim_jobs, path):
+    """bits/dim: the per-t reference loop against the batched fast path, on the same draws."""
+    from fastddpm.bench.likelihood import agree
+
+    fns, expected = bits_per_dim_jobs
+    benchmark.group = "bits/dim mnist 2 images, T=1000"
+    result = benchmark.pedantic(fns[path], rounds=1, iterations=1, warmup_rounds=0)
+    agree(result, expected)
+
+
+@pytest.mark.parametrize("path", ["textbook loop", "fast sampler"])
+@pytest.mark.parametrize("edit", [0, 1], ids=["reconstruct", "denoise"])
+def test_edit(benchmark, quick, edit, path):
+    """reconstruct / denoise from t on the fast sampler against the textbook loop (same draws)."""
+    from fastddpm.bench.edits import TOLERANCE, jobs
+
+    t, n = (20, 2) if quick else (500, 16)
+    name, job = list(jobs(t, n).items())[edit]
+    fn = job["ref"] if path == "textbook loop" else job["fast"]
+    assert float((job["fast"]() - job["ref"]()).abs().max()) <= TOLERANCE
+    benchmark.group = f"edit: {name}, mnist batch {n}"
+    benchmark.pedantic(fn, rounds=1 if not quick else 2, iterations=1, warmup_rounds=0)

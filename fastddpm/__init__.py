@@ -9,7 +9,9 @@ Quick start::
 
 from .checkpoint import CheckpointError
 from .diffusion import q_posterior, q_sample, reference_ddim_sample, reference_sample, training_loss
+from .edits import denoise, from_shared_latent, inpaint, interpolate, progressive, reconstruct
 from .images import make_grid, save_grid
+from .likelihood import BitsPerDim, bits_per_dim
 from .models.unet import PRESETS, UNet, UNetConfig
 from .pipeline import DDPM, bundled_models, load, save
 from .sampling import NoiseSource, Sampler, SpeedOptions, sample
@@ -22,5 +24,7 @@ __all__ = [
     "CheckpointError", "DDPM", "NoiseSource", "PRESETS", "Sampler", "Schedule", "ScheduleConfig", "SpeedOptions",
     "TrainConfig", "Trainer", "UNet", "UNetConfig", "bundled_models", "load", "make_grid", "q_posterior", "q_sample",
     "reference_ddim_sample", "reference_sample", "sample", "save", "save_grid", "train", "training_loss",
+    "denoise", "from_shared_latent", "inpaint", "interpolate", "progressive", "reconstruct",
+    "BitsPerDim", "bits_per_dim",
     "__version__",
 ]

@@ -78,16 +78,17 @@ def training_loss(model: Callable, schedule: Schedule, x0: torch.Tensor, predict
 @torch.no_grad()
 def reference_sample(model: Callable, schedule: Schedule, shape, *, variance: str = "fixed_large",
                      clip: bool = False, generator: Optional[torch.Generator] = None,
-                     device="cpu") -> torch.Tensor:
+                     device="cpu", x_T: Optional[torch.Tensor] = None, start: Optional[int] = None) -> torch.Tensor:
     """Algorithm 2 from the paper's formulas, for an eps-predicting model. The oracle sampler.
 
     Without clipping: ``x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z``.
     With clipping: the posterior mean of eq. 7 evaluated at x0 clipped to [-1, 1].
-    Noise order: ``x_T`` first, then one draw per step for every t > 0 (none at t = 0).
+    Noise order: ``x_T`` first (unless given), then one draw per step for every t > 0 (none at t = 0).
+    ``x_T`` / ``start``: the state to start from and its schedule index (default: drawn, T - 1).
     """
-    x = torch.randn(shape, generator=generator, device=device)
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T.float()
     sigma = schedule.variance(variance).sqrt()
-    for i in reversed(range(schedule.T)):
+    for i in reversed(range(schedule.T if start is None else start + 1)):
         t = torch.full((shape[0],), i, dtype=torch.int64, device=device)
         eps = model(x, schedule.timesteps.to(device)[t]).double()
         xd = x.double()
@@ -101,6 +102,20 @@ def reference_sample(model: Callable, schedule: Schedule, shape, *, variance: st
             mean = mean + sigma[i] * z.double()
         x = mean.float()
     return x
+
+
+@torch.no_grad()
+def reference_reconstruct(model: Callable, schedule: Schedule, x0: torch.Tensor, t: int, *,
+                          variance: str = "fixed_large", clip: bool = True,
+                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Partial diffusion and reverse written out: x_t from q(x_t | x_0) with the reference op (its
+    noise the generator's first draw), then Algorithm 2 (:func:`reference_sample`) from index t - 1.
+    The oracle of :func:`fastddpm.reconstruct`."""
+    index = torch.full((x0.shape[0],), t - 1, dtype=torch.int64, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    xt = ops.q_sample(x0, index, schedule.table("noising", x0.device), noise, backend="reference")[0]
+    return reference_sample(model, schedule, tuple(x0.shape), variance=variance, clip=clip, generator=generator,
+                            device=x0.device, x_T=xt, start=t - 1)
 
 
 @torch.no_grad()

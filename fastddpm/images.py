@@ -42,3 +42,50 @@ def save_grid(x: torch.Tensor, path: str, nrow: Optional[int] = None, scale: int
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image.save(path)
     return path
+
+
+def read_images(specs, chw) -> torch.Tensor:
+    """Images shaped ``[N, *chw]`` in [-1, 1] from ``specs``: PNG/JPEG paths (converted to the
+    model's channels; their size must be the model's), or bundled dataset items written
+    ``mnist:0-7`` / ``mnist:0,5,9`` / ``digits:3`` (MNIST padded to 32x32, as the bundled model was
+    trained on)."""
+    import numpy as np
+    from PIL import Image
+
+    c, h, w = chw
+    out = []
+    for spec in specs:
+        name, _, items = str(spec).partition(":")
+        if name in ("mnist", "digits") and items and not os.path.exists(spec):
+            from .data import load_digits_data, load_mnist_data
+
+            data = load_mnist_data()[0] if name == "mnist" else load_digits_data()[0]
+            out.append(data[_indices(items, len(data), spec)])
+            continue
+        if not os.path.isfile(spec):
+            raise ValueError(f"input: {spec!r} is neither an image file nor a bundled item such as 'mnist:0-7'")
+        try:
+            with Image.open(spec) as im:
+                array = np.asarray(im.convert("L" if c == 1 else "RGB"), dtype=np.float32)
+        except OSError as e:
+            raise ValueError(f"input: {spec!r} is not a readable image ({e})") from None
+        array = array[None] if c == 1 else array.transpose(2, 0, 1)
+        out.append(torch.from_numpy(array / 127.5 - 1.0)[None])
+    images = torch.cat(out) if out else torch.empty(0, *chw)
+    if images.shape[1:] != (c, h, w):
+        raise ValueError(f"input: expected images of {c}x{h}x{w} (the model's), got {tuple(images.shape[1:])}")
+    return images.float()
+
+
+def _indices(items: str, n: int, spec: str) -> list:
+    """``"0-7"`` / ``"0,5,9"`` as a list of indices below ``n``."""
+    result = []
+    try:
+        for part in items.split(","):
+            lo, _, hi = part.partition("-")
+            result.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise ValueError(f"input: {spec!r}: expected indices such as 0-7 or 0,5,9") from None
+    if not result or min(result) < 0 or max(result) >= n:
+        raise ValueError(f"input: {spec!r}: expected indices in [0, {n})")
+    return result

@@ -52,6 +52,19 @@ def cpu_flags() -> Optional[FrozenSet[str]]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_model_name() -> Optional[str]:
+    """The CPU's model name from ``/proc/cpuinfo`` (e.g. "AMD EPYC"), or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
 def cpu_has_bf16_arithmetic() -> Optional[bool]:
     """Whether this CPU computes in bfloat16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of
     ``/proc/cpuinfo``); None where the flags cannot be read. Elsewhere bf16 is emulated in fp32,

@@ -56,3 +56,49 @@ def test_bench_rejects_unknown_sections(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--only", "opz", "--out", str(tmp_path)])
     assert "unknown sections ['opz']" in capsys.readouterr().err
+
+
+def test_bench_merge_adds_sections_to_an_existing_report(tmp_path):
+    """``--merge`` (a partial rerun) keeps the sections already in --out and replaces the ones run."""
+    assert main(["bench", "--quick", "--only", "ops", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    first = json.loads((tmp_path / "bench.json").read_text())
+    first["sections"]["train"] = {"skipped": "kept from an earlier run", "rows": [], "wall_s": 0.0}
+    (tmp_path / "bench.json").write_text(json.dumps(first))
+    assert main(["bench", "--quick", "--only", "ops", "--rounds", "1", "--out", str(tmp_path), "--merge"]) == 0
+    merged = json.loads((tmp_path / "bench.json").read_text())
+    assert merged["sections"]["train"]["skipped"] == "kept from an earlier run" and merged["sections"]["ops"]["rows"]
+    assert "kept from an earlier run" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ["reconstruct", "--input", "mnist:0-3", "--t", "100,500", "--steps", "5"],
+    ["interpolate", "--input", "mnist:0", "--input-b", "mnist:600", "--t", "300", "--steps", "5",
+     "--lambdas", "0,0.5,1", "--mode", "slerp"],
+    ["denoise", "--input", "mnist:0-3", "--add-noise", "0.3", "--steps", "5"],
+    ["inpaint", "--input", "mnist:0-3", "--region", "center", "--steps", "6", "--resample", "2", "--jump", "3"],
+    ["progressive", "--n", "2", "--steps", "10", "--every", "5"],
+    ["shared", "--t", "5,10", "--samples", "2", "--steps", "5"],
+])
+def test_edit_commands_write_a_grid(tmp_path, capsys, argv):
+    out = tmp_path / "edit.png"
+    assert main(["edit", *argv, "--out", str(out), "--quiet"]) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size[0] > 64 and im.size[1] > 64
+    assert f"wrote {argv[0]}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["reconstruct", "--t", "1001"], "t: expected an int in [0, 1000]"),
+    (["reconstruct", "--input", "mnist:9999"], "expected indices in [0, 5000)"),
+    (["reconstruct", "--input", "nope.png"], "neither an image file nor a bundled item"),
+    (["interpolate", "--lambdas", "0,2"], "input-b: interpolate needs --input-b"),
+    (["interpolate", "--input-b", "mnist:1-8", "--lambdas", "0,2"], "lambdas: expected"),
+    (["denoise", "--sigma", "-1"], "sigma: expected a positive number"),
+    (["inpaint", "--mask", "missing.png"], "mask: 'missing.png' is not a file"),
+])
+def test_edit_commands_report_user_errors_in_one_line(capsys, argv, message):
+    assert main(["edit", *argv, "--steps", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

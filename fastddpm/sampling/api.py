@@ -1,54 +1,97 @@
-"""``fastddpm.sample``: ancestral DDPM (Algorithm 2) and DDIM, on the full or a respaced schedule.
-
-This module validates what the user asked for and splits it into batches; each batch runs on a
-prepared :class:`Sampler`, kept for the next call (:mod:`.cache`).
+"""``fastddpm.sample``: ancestral DDPM (Algorithm 2) and DDIM, on the full or a respaced schedule,
+and the pieces every user of the reverse process shares (the edits in :mod:`fastddpm.edits` too):
+resolving the model, preparing (or reusing) a sampler, running batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
 from ..pipeline import DDPM, locate_checkpoint, resolve_model
 from ..pipeline import load as load_checkpoint
-from ..schedule import DDIM_DIRECTIONS, VARIANCES
+from ..schedule import Schedule
 from ..utils import resolve_device
 from . import cache
+from .method import SamplingMethod
 from .noise import NoiseSource
 from .options import SpeedOptions
-
-SAMPLERS = ("ddpm", "ddim")
-
-
-def clip_value(clip) -> Optional[float]:
-    """``clip`` as the step op takes it: True -> 1.0, False/None -> None, a positive float as is."""
-    if clip is True:
-        return 1.0
-    if clip is False or clip is None:
-        return None
-    if isinstance(clip, (int, float)) and clip > 0:
-        return float(clip)
-    raise ValueError(f"clip: expected a bool or a positive float, got {clip!r}")
+from .sampler import Sampler
 
 
-def _model_device(model) -> Optional[torch.device]:
-    if isinstance(model, torch.nn.Module):
-        p = next(model.parameters(), None)
-        return p.device if p is not None else None
-    return None
-
-
-def _resolve(model_or_path, device: torch.device, reuse: bool) -> DDPM:
-    """The DDPM to sample; a checkpoint path or bundled name is loaded once while its files stay unchanged."""
+def resolve_ddpm(model_or_path, device: torch.device, reuse: bool = True) -> DDPM:
+    """The DDPM to run (see :func:`sample`'s ``model_or_path``); a checkpoint path or bundled name is
+    loaded once while its files stay unchanged (with ``reuse``). Its model must be on ``device``."""
     if reuse and isinstance(model_or_path, (str, os.PathLike)):
         path = locate_checkpoint(model_or_path)
-        return cache.MODELS.get(path, device, lambda p, d: load_checkpoint(p, device=d))
-    return resolve_model(model_or_path, device)
+        ddpm = cache.MODELS.get(path, device, lambda p, d: load_checkpoint(p, device=d))
+    else:
+        ddpm = resolve_model(model_or_path, device)
+    if isinstance(ddpm.model, torch.nn.Module):
+        p = next(ddpm.model.parameters(), None)
+        if p is not None and p.device != device:
+            raise ValueError(f"device: the model's parameters are on {p.device}, but it was asked to run on "
+                             f"{device}; move the model with .to({str(device)!r}) first")
+    return ddpm
 
 
-def _positive_int(name: str, value) -> int:
+def image_shape(ddpm: DDPM, shape: Optional[Sequence[int]] = None) -> tuple:
+    """``(C, H, W)`` of the model's images: its UNet config's, or the given ``shape``."""
+    result = tuple(shape) if shape is not None else ddpm.image_shape
+    if result is None or len(result) != 3:
+        raise ValueError(f"shape: expected (C, H, W) for a model that is not a fastddpm UNet, got {shape!r}")
+    return result
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """The model in eval mode inside the block (dropout off), its training flag restored after."""
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def prepared_sampler(ddpm: DDPM, schedule: Schedule, method: SamplingMethod, shape, *, device: torch.device,
+                     options: SpeedOptions, reuse: bool = True) -> Sampler:
+    """A :class:`Sampler` of ``ddpm.model`` for ``method`` on ``schedule`` and batch ``shape``:
+    the cached one when ``reuse`` and nothing it depends on has changed."""
+    coeffs = method.coefficients(schedule, ddpm.prediction, device)
+    if reuse:
+        return cache.SAMPLERS.get(ddpm.model, schedule, coeffs, shape, clip=method.clip, device=device,
+                                  options=options)
+    return Sampler(ddpm.model, schedule, coeffs, shape, clip=method.clip, device=device, options=options)
+
+
+def in_batches(run: Callable[[int, int], torch.Tensor], n: int, batch_size: int) -> torch.Tensor:
+    """``run(start, size)`` over ``n`` items ``batch_size`` at a time, concatenated; on CUDA, halve
+    the batch when it does not fit in memory (the draws then differ from one full batch, as they
+    would by hand)."""
+    chunks, start = [], 0
+    while start < n:
+        size = min(batch_size, n - start)
+        try:
+            chunks.append(run(start, size))
+        except torch.cuda.OutOfMemoryError:
+            cache.SAMPLERS.clear()
+            torch.cuda.empty_cache()
+            if batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            continue
+        start += size
+    return torch.cat(chunks)
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is a positive int, else a ValueError naming ``name``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return value
@@ -91,68 +134,21 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
         fastddpm.save_grid(x, "samples.png")
     """
     options = SpeedOptions.from_arguments(options, **speed)
-    _positive_int("n", n)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
-    if variance not in VARIANCES:
-        raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")
-    if ddim_direction not in DDIM_DIRECTIONS:
-        raise ValueError(f"ddim_direction: expected one of {DDIM_DIRECTIONS}, got {ddim_direction!r}")
-    clip = clip_value(clip)
+    method = SamplingMethod(sampler, variance, clip, eta, ddim_direction, steps)
+    positive_int("n", n)
     device = resolve_device(device)
-    ddpm = _resolve(model_or_path, device, reuse)
-    T = ddpm.schedule.T
-    steps = T if steps is None else steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
-        raise ValueError(f"steps: expected an int in [1, {T}] (T of this model), got {steps!r}")
-    batch_size = _positive_int("batch_size", n if batch_size is None else batch_size)
-    image_shape = tuple(shape) if shape is not None else ddpm.image_shape
-    if image_shape is None or len(image_shape) != 3:
-        raise ValueError(f"shape: expected (C, H, W) for a model that is not a fastddpm UNet, got {shape!r}")
-    model_device = _model_device(ddpm.model)
-    if model_device is not None and model_device != device:
-        raise ValueError(f"device: the model's parameters are on {model_device}, but sampling was "
-                         f"asked on {device}; move the model with .to({str(device)!r}) first")
+    ddpm = resolve_ddpm(model_or_path, device, reuse)
+    schedule = method.schedule(ddpm.schedule)
+    batch_size = positive_int("batch_size", n if batch_size is None else batch_size)
+    chw = image_shape(ddpm, shape)
     if options.cuda_graph and noise_source != "philox":
         raise ValueError("noise_source: cuda_graph=True needs noise_source='philox' (drawn inside the captured step)")
     noise = NoiseSource.resolve(noise_source, seed=seed, generator=generator, device=device)
 
-    schedule = ddpm.schedule.respaced(steps)
-    coeffs = schedule.table("step", device, sampler=sampler, variance=variance,
-                            prediction=ddpm.prediction, eta=eta, ddim_direction=ddim_direction)
-    was_training = getattr(ddpm.model, "training", False)
-    if isinstance(ddpm.model, torch.nn.Module):
-        ddpm.model.eval()
+    def run(start: int, size: int) -> torch.Tensor:
+        sampler_ = prepared_sampler(ddpm, schedule, method, (size, *chw), device=device, options=options,
+                                    reuse=reuse)
+        return sampler_.run(noise, callback=callback, progress=progress)
 
-    def prepared(size: int):
-        shape_ = (size, *image_shape)
-        if reuse:
-            return cache.SAMPLERS.get(ddpm.model, schedule, coeffs, shape_, clip=clip, device=device, options=options)
-        from .sampler import Sampler
-
-        return Sampler(ddpm.model, schedule, coeffs, shape_, clip=clip, device=device, options=options)
-
-    try:
-        return _in_batches(prepared, n, batch_size, dict(noise=noise, callback=callback, progress=progress))
-    finally:
-        if was_training:
-            ddpm.model.train()
-
-
-def _in_batches(prepared: Callable, n: int, batch_size: int, run_args: dict) -> torch.Tensor:
-    """Run prepared samplers over ``n`` images ``batch_size`` at a time; on CUDA, halve the batch
-    when it does not fit in memory (the draws then differ from one full batch, as they would by hand)."""
-    chunks, start = [], 0
-    while start < n:
-        size = min(batch_size, n - start)
-        try:
-            chunks.append(prepared(size).run(**run_args))
-        except torch.cuda.OutOfMemoryError:
-            cache.SAMPLERS.clear()
-            torch.cuda.empty_cache()
-            if batch_size == 1:
-                raise
-            batch_size = max(1, batch_size // 2)
-            continue
-        start += size
-    return torch.cat(chunks)
+    with eval_mode(ddpm.model):
+        return in_batches(run, n, batch_size)

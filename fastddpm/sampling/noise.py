@@ -125,3 +125,32 @@ class PhiloxNoise(NoiseSource):
     def check_device(self, device):  # noqa: D102
         if not same_device(self.state.device, device):
             raise ValueError(f"rng: expected a PhiloxState on {device}, got one on {self.state.device}")
+
+
+class SharedNoise(NoiseSource):
+    """One draw of ``base`` shared by ``copies`` consecutive images: a batch of ``groups x copies``
+    images whose copies of a group see the same noise at every step (an interpolation's lambdas).
+    The draws are made as tensors and repeated, so this source does not run inside CUDA graphs."""
+
+    def __init__(self, base: NoiseSource, copies: int):
+        if not isinstance(base, NoiseSource):
+            raise TypeError(f"base: expected a NoiseSource, got {type(base).__name__}")
+        if not isinstance(copies, int) or copies < 1:
+            raise ValueError(f"copies: expected a positive int, got {copies!r}")
+        self.base, self.copies, self.kind = base, copies, base.kind
+
+    def _group_shape(self, shape) -> Tuple[int, ...]:
+        shape = tuple(shape)
+        if shape[0] % self.copies:
+            raise ValueError(f"shape: a batch of {shape[0]} is not a whole number of groups of {self.copies}")
+        return (shape[0] // self.copies, *shape[1:])
+
+    def initial(self, shape, device) -> torch.Tensor:  # noqa: D102
+        return self.base.initial(self._group_shape(shape), device).repeat_interleave(self.copies, dim=0)
+
+    def step(self, buffer):  # noqa: D102
+        drawn = self.base.initial(self._group_shape(buffer.shape), buffer.device)
+        return buffer.copy_(drawn.repeat_interleave(self.copies, dim=0)), None
+
+    def check_device(self, device):  # noqa: D102
+        self.base.check_device(device)

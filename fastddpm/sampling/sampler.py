@@ -87,13 +87,27 @@ class Sampler:
                       backend=self.step_ops)
         return x0
 
+    @torch.no_grad()
+    def predict_x0(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The model's prediction of x_0 from ``x`` at schedule index ``index`` (one model call,
+        clipped like the steps): the one-shot posterior mean of an edit."""
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < self.steps:
+            raise ValueError(f"index: expected a schedule index in [0, {self.steps}), got {index!r}")
+        if not torch.is_tensor(x) or tuple(x.shape) != self.shape:
+            raise ValueError(f"x: expected a tensor of shape {self.shape}, got {tuple(getattr(x, 'shape', ()))}")
+        self.x.copy_(x)
+        with self.model.running():
+            m = self.model(self.x, self.model_rows[index])
+        return ops.reference.predicted_x0(self.x, m, self.step_rows[index], self.coeffs, self.clip).float()
+
     # ------------------------------------------------------------------------------- the loop
     @torch.no_grad()
     def run(self, noise: Optional[NoiseSource] = None, *, generator: Optional[torch.Generator] = None,
             rng: Optional[PhiloxState] = None, x_T: Optional[torch.Tensor] = None, start: Optional[int] = None,
-            step_hook: Optional[StepHook] = None, callback: Optional[Callable] = None,
+            stop: int = 0, step_hook: Optional[StepHook] = None, callback: Optional[Callable] = None,
             progress: bool = False) -> torch.Tensor:
-        """Run the steps ``start, start-1, ..., 0`` and return x_0 (a new float32 tensor).
+        """Run the steps ``start, start-1, ..., stop`` and return the result (a new float32 tensor):
+        x_0 when ``stop`` is 0, else the state at schedule index ``stop - 1``.
 
         noise: a :class:`NoiseSource`; or, for short, ``generator=`` (torch.randn draws, the
             reference sampler's) or ``rng=`` (in-kernel Philox); default: Philox seeded from
@@ -101,6 +115,8 @@ class Sampler:
         x_T: the state at schedule index ``start`` (default: drawn from the noise source).
         start: the schedule index to start at (default: the last, ``S - 1``); with ``x_T`` an
             x_t of a real image, the reverse process runs from there (partial diffusion).
+        stop: the last schedule index to step (default 0: down to x_0); a segment of the process,
+            for schedules that go back up between segments (RePaint's resampling).
         step_hook: ``step_hook(x, i)`` after each step, with the new x (edit it in place) and the
             ``[B]`` int64 device tensor of the schedule index just stepped; it runs inside the
             CUDA graphs too, so it must not read tensors on the host.
@@ -112,6 +128,8 @@ class Sampler:
         start = self.steps - 1 if start is None else start
         if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < self.steps:
             raise ValueError(f"start: expected a schedule index in [0, {self.steps}), got {start!r}")
+        if not isinstance(stop, int) or isinstance(stop, bool) or not 0 <= stop <= start:
+            raise ValueError(f"stop: expected a schedule index in [0, start={start}], got {stop!r}")
         if x_T is not None:
             if not torch.is_tensor(x_T) or tuple(x_T.shape) != self.shape:
                 raise ValueError(f"x_T: expected a tensor of shape {self.shape}, got "
@@ -126,18 +144,18 @@ class Sampler:
             if not isinstance(noise, PhiloxNoise):
                 raise ValueError("noise_source: cuda_graph=True draws in-kernel Philox noise; pass rng= "
                                  "(a PhiloxState) or a 'philox' NoiseSource")
-            self._run_graphs(noise.state, start, step_hook, progress)
+            self._run_graphs(noise.state, start, stop, step_hook, progress)
         else:
-            self._run_eager(noise, start, step_hook, callback, progress)
+            self._run_eager(noise, start, stop, step_hook, callback, progress)
         return self.x.clone()
 
-    def _run_eager(self, noise: NoiseSource, start: int, step_hook, callback, progress: bool):
+    def _run_eager(self, noise: NoiseSource, start: int, stop: int, step_hook, callback, progress: bool):
         from tqdm.auto import tqdm
 
         pool = ops.cpu_memory_pool() if self.memory_pool else contextlib.nullcontext()
         with pool, self.model.running():
-            for i in tqdm(range(start, -1, -1), total=start + 1, disable=not progress, desc="sample", unit="step",
-                          leave=False):
+            for i in tqdm(range(start, stop - 1, -1), total=start - stop + 1, disable=not progress, desc="sample",
+                          unit="step", leave=False):
                 z, state = noise.step(self.z) if self.noisy[i] else (self.zeros, None)
                 x0 = self._step(self.model_rows[i], self.step_rows[i], z, state, with_x0=callback is not None)
                 if step_hook is not None:
@@ -146,12 +164,12 @@ class Sampler:
                     callback(i, int(self.schedule.timesteps[i]), self.x, x0)
 
     # -------------------------------------------------------------------------- CUDA graphs
-    def _blocks(self, start: int) -> List[Tuple[int, bool]]:
-        """(length, noisy) of the runs of steps, from ``start`` down, replayed as one graph each."""
+    def _blocks(self, start: int, stop: int = 0) -> List[Tuple[int, bool]]:
+        """(length, noisy) of the runs of steps, from ``start`` down to ``stop``, replayed as one graph each."""
         blocks, i = [], start
-        while i >= 0:
+        while i >= stop:
             k = 1
-            while k < self.options.graph_steps and i - k >= 0 and self.noisy[i - k] == self.noisy[i]:
+            while k < self.options.graph_steps and i - k >= stop and self.noisy[i - k] == self.noisy[i]:
                 k += 1
             blocks.append((k, self.noisy[i]))
             i -= k
@@ -184,7 +202,7 @@ class Sampler:
         self._index.copy_(saved_index)
         return graph
 
-    def _run_graphs(self, rng: PhiloxState, start: int, step_hook, progress: bool):
+    def _run_graphs(self, rng: PhiloxState, start: int, stop: int, step_hook, progress: bool):
         from tqdm.auto import tqdm
 
         if not hasattr(self, "_index"):
@@ -194,13 +212,13 @@ class Sampler:
         # the graphs read and advance their own state tensor: load the caller's into it, and back
         self._graph_rng.tensor.copy_(rng.tensor)
         self._index.fill_(start)
-        blocks = self._blocks(start)
+        blocks = self._blocks(start, stop)
         hook_key = id(step_hook) if step_hook is not None else 0  # a graph captures its hook ...
         self._graph_hooks[hook_key] = step_hook  # ... kept alive, so its id is not reused
         for length, noisy in set(blocks):
             if (length, noisy, hook_key) not in self._graphs:
                 self._graphs[(length, noisy, hook_key)] = self._capture(length, noisy, step_hook)
-        with tqdm(total=start + 1, disable=not progress, desc="sample", unit="step", leave=False) as bar:
+        with tqdm(total=start - stop + 1, disable=not progress, desc="sample", unit="step", leave=False) as bar:
             for length, noisy in blocks:
                 self._graphs[(length, noisy, hook_key)].replay()
                 bar.update(length)
