@@ -22,7 +22,8 @@ from .harness import copy_bandwidth, measure_graphed, measure_interleaved
 from .models import random_unet
 
 
-def _check(fast: torch.Tensor, ref: torch.Tensor, name: str, tol: float):
+def check_close(fast: torch.Tensor, ref: torch.Tensor, name: str, tol: float):
+    """An AssertionError unless ``fast`` is within ``tol`` (relative to ref's largest value, at least 1) of ``ref``."""
     err = (fast.float() - ref.float()).abs().max().item()
     if not err <= tol * max(1.0, ref.float().abs().max().item()):
         raise AssertionError(f"{name}: fast path disagrees with the reference (max error {err})")
@@ -168,7 +169,7 @@ def _measure_case(case: Dict, device: torch.device, rounds: int, copies: List[fl
     for backend in fast_backends(device):
         fast_fn = lambda case=case, backend=backend: case["fast"](backend)  # noqa: E731
         if case["tol"] is not None:
-            _check(fast_fn(), case["ref"](), f"{case['name']} [{backend}]", case["tol"])
+            check_close(fast_fn(), case["ref"](), f"{case['name']} [{backend}]", case["tol"])
         fns[backend] = fast_fn
     times = measure_interleaved(fns, rounds=rounds, device=device)
     ref = times["reference"]

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from fastddpm import Sampler, Schedule, UNet, ops, reference_sample
+from fastddpm import Sampler, Schedule, ops, reference_sample
 from fastddpm.models import winograd
 from fastddpm.ops import PhiloxState
 
@@ -25,15 +25,12 @@ from .harness import interleaved_rounds, measure, time_rounds
 from .models import random_unet
 
 
-def _model(preset: str, device) -> UNet:
-    return random_unet(preset, device)
-
-
 def _timed(fn: Callable[[], torch.Tensor], device, rounds: int) -> Dict[str, float]:
     return time_rounds(fn, device, rounds)[0]
 
 
-def _reference(model, schedule, shape, device, seed):
+def reference_run(model, schedule, shape, device, seed):
+    """The reference sampler (Algorithm 2, reference ops) on ``model`` as a function of no arguments."""
     def run():
         with torch.no_grad(), ops.use_backend("reference"):
             return reference_sample(model, schedule, shape, clip=True, device=device,
@@ -41,7 +38,8 @@ def _reference(model, schedule, shape, device, seed):
     return run
 
 
-def _fast(model, schedule, shape, device, seed, **options):
+def fast_run(model, schedule, shape, device, seed, **options):
+    """A prepared fast Sampler (DDPM, fixed_large, clip) run from ``seed`` as a function of no arguments."""
     options.setdefault("channels_last", False)  # rows name channels_last where it is on; else NCHW
     coeffs = schedule.table("step", device, sampler="ddpm", variance="fixed_large")
     sampler = Sampler(model, schedule, coeffs, shape, device=device, **options)
@@ -61,11 +59,11 @@ def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
     jobs = [("mnist", 16, 10 if quick else 100)] + ([] if quick else [("mnist", 16, 1000), ("cifar10", 16, 10)])
     for preset, batch, steps in jobs:
         n_rounds = 1 if steps >= 1000 else rounds
-        model = _model(preset, device)
+        model = random_unet(preset, device)
         c, r = model.config.in_channels, model.config.resolution
         shape = (batch, c, r, r)
         schedule = Schedule.linear().respaced(steps)
-        ref_fn = _reference(model, schedule, shape, device, 0)
+        ref_fn = reference_run(model, schedule, shape, device, 0)
         ref_x = ref_fn()
         # Winograd applies by default on the CPU in fp32, to convs of >= 128 channels: rows name it
         # only where the model has such convs (the mnist preset has none)
@@ -91,7 +89,7 @@ def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
         torch._dynamo.reset()
         fns, errs = {"reference": ref_fn}, {}
         for name, options, tol in variants:
-            fast_fn = _fast(_model(preset, device), schedule, shape, device, 0, **options)
+            fast_fn = fast_run(random_unet(preset, device), schedule, shape, device, 0, **options)
             x = fast_fn()  # also the compile
             errs[name] = (x - ref_x).abs().max().item()
             if tol is not None and not errs[name] <= tol:
@@ -111,14 +109,14 @@ def step_overhead(rounds: int) -> Dict:
     """What a fast-sampler step (eager, native ops) spends outside the U-Net, mnist batch 16: the
     loop run with a stand-in model that returns a ready tensor, against the U-Net's forward time."""
     device = torch.device("cpu")
-    model = _model("mnist", device)
+    model = random_unet("mnist", device)
     steps, shape = 100, (16, 1, 32, 32)
     schedule = Schedule.linear().respaced(steps)
     x, t = torch.randn(shape), torch.full((16,), 500)
     ready = torch.randn(shape)
     with torch.no_grad():
         forward = measure(lambda: model(x, t), rounds=rounds)["median"]
-        loop = _timed(_fast(lambda x, t: ready, schedule, shape, device, 0), device, rounds)["median"] / steps
+        loop = _timed(fast_run(lambda x, t: ready, schedule, shape, device, 0), device, rounds)["median"] / steps
     return dict(forward_s=forward, outside_s=loop, overhead=loop / (loop + forward))
 
 
@@ -130,7 +128,7 @@ def bf16_quality(steps: int = 100) -> Dict:
     schedule = ddpm.schedule.respaced(steps)
     out = {}
     for dtype in ("float32", "bfloat16"):
-        out[dtype] = _fast(ddpm.model, schedule, (16, 1, 32, 32), torch.device("cpu"), 1, dtype=dtype)()
+        out[dtype] = fast_run(ddpm.model, schedule, (16, 1, 32, 32), torch.device("cpu"), 1, dtype=dtype)()
     diff = (out["bfloat16"] - out["float32"]).abs()
     return dict(steps=steps, max_abs_diff=diff.max().item(), mean_abs_diff=diff.mean().item())
 
@@ -154,7 +152,7 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
         """1000 steps at the big batch; with runs=2 the first run (capture, compile) is not timed."""
         torch._dynamo.reset()  # a fresh model each time: channels_last converts one in place
         options = {"channels_last": False, **options}  # NCHW unless the row names channels_last
-        sampler = Sampler(_model("cifar10", device), full, coeffs, big, device=device, **options)
+        sampler = Sampler(random_unet("cifar10", device), full, coeffs, big, device=device, **options)
         first = _timed(lambda s=sampler: s.run(rng=PhiloxState(0, device=device)), device, 1)["median"]
         t = (_timed(lambda s=sampler: s.run(rng=PhiloxState(0, device=device)), device, 1) if runs > 1
              else dict(median=first, min=first, max=first))
@@ -163,7 +161,7 @@ def gpu_rows(quick: bool, rounds: int) -> List[Dict]:
 
     # batch 1 first (quick), then the big batch by expected value; compiling comes last, as a run cut
     # short by its time limit still reports the rows above
-    model1 = _model("cifar10", device)
+    model1 = random_unet("cifar10", device)
     steps = 200
     schedule = full.respaced(steps)
     coeffs1 = schedule.table("step", device, sampler="ddpm", variance="fixed_large")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastddpm import Schedule, UNet, training_loss
-from fastddpm.bench.sampler import _fast, _model, _reference
+from fastddpm.bench.models import random_unet
+from fastddpm.bench.sampler import fast_run, reference_run
 from fastddpm.bench.train import train_step
 
 
@@ -18,13 +19,13 @@ from fastddpm.bench.train import train_step
 def sampler_jobs(sampler_job):
     """(reference fn, {variant: fast fn}) for one (preset, steps) job at batch 16."""
     preset, steps = sampler_job
-    model = _model(preset, "cpu")
+    model = random_unet(preset, "cpu")
     schedule = Schedule.linear().respaced(steps)
     c, r = model.config.in_channels, model.config.resolution
     shape = (16, c, r, r)
     variants = {"eager": {}, "compiled": {"compile": True}}
-    return _reference(model, schedule, shape, torch.device("cpu"), 0), {
-        name: _fast(model, schedule, shape, torch.device("cpu"), 0, **options) for name, options in variants.items()}
+    return reference_run(model, schedule, shape, torch.device("cpu"), 0), {
+        name: fast_run(model, schedule, shape, torch.device("cpu"), 0, **options) for name, options in variants.items()}
 
 
 @pytest.mark.parametrize("path", ["reference", "eager", "compiled"])

@@ -11,7 +11,7 @@ Each fast path is checked against the reference on the same inputs before it is 
 import pytest
 import torch
 
-from fastddpm.bench.ops import _check, op_cases, unet_cases
+from fastddpm.bench.ops import check_close, op_cases, unet_cases
 
 DEVICE = torch.device("cpu")
 NAMES = [c["name"] for c in op_cases(DEVICE, True) + unet_cases(DEVICE, True)]
@@ -28,7 +28,7 @@ def test_op(benchmark, cases, case, path):
     c = cases[case]
     fn = c["ref"] if path == "reference" else (lambda: c["fast"](path))
     if path != "reference" and c["tol"] is not None:
-        _check(fn(), c["ref"](), c["name"], c["tol"])
+        check_close(fn(), c["ref"](), c["name"], c["tol"])
     benchmark.group = c["name"].split(" ")[0] + " " + c["name"].split(" ")[1]  # per op / per preset
     benchmark.extra_info["case"] = c["name"]
     benchmark(fn)

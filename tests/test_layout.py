@@ -17,7 +17,9 @@ PACKAGE = os.path.dirname(fastddpm.__file__)
 
 
 def _modules():
-    for root, _, files in os.walk(PACKAGE):
+    # the package, and the benchmark suite (installed inside it as fastddpm.bench; beside it in a checkout)
+    roots = [PACKAGE] + [d for d in [os.path.join(os.path.dirname(PACKAGE), "benchmarks")] if os.path.isdir(d)]
+    for root, _, files in (entry for top in roots for entry in os.walk(top)):
         for name in files:
             if name.endswith(".py"):
                 yield os.path.join(root, name)
