@@ -5,7 +5,7 @@ DDIM's eta and direction form, and the number of steps — validated once, and t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 
@@ -61,7 +61,7 @@ class SamplingMethod:
         span = full.T if upto is None else upto
         steps = span if self.steps is None else self.steps
         if not 1 <= steps <= span:
-            what = f"T of this model" if upto is None else f"the {span} timesteps below the start"
+            what = "T of this model" if upto is None else f"the {span} timesteps below the start"
             raise ValueError(f"steps: expected an int in [1, {span}] ({what}), got {steps!r}")
         if upto is None:
             return full.respaced(steps)
