@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..sampling import NoiseSource
+from ..sampling import NoiseSource, positive_int
 from ..schedule import Schedule
 from .common import EditRun
 
@@ -66,9 +66,8 @@ def inpaint(model_or_path, x: torch.Tensor, mask, *, resample: int = 1, jump: in
     run = EditRun(model_or_path, **run_options)
     x = run.images("x", x)
     known = load_mask(mask, x)
-    for name, value in (("resample", resample), ("jump", jump)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    positive_int("resample", resample)
+    positive_int("jump", jump)
     schedule = run.method.schedule(run.ddpm.schedule)
     sampler = run.sampler_for(schedule, x.shape[0])
     with run.eval_mode():
