@@ -16,7 +16,7 @@ from .models.unet import PRESETS, UNet, UNetConfig
 from .pipeline import DDPM, bundled_models, load, save
 from .sampling import NoiseSource, Sampler, SpeedOptions, sample
 from .schedule import Schedule, ScheduleConfig
-from .train import TrainConfig, Trainer, train
+from .train import NonFiniteError, TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,6 @@ __all__ = [
     "TrainConfig", "Trainer", "UNet", "UNetConfig", "bundled_models", "load", "make_grid", "q_posterior", "q_sample",
     "reference_ddim_sample", "reference_sample", "sample", "save", "save_grid", "train", "training_loss",
     "denoise", "from_shared_latent", "inpaint", "interpolate", "progressive", "reconstruct",
-    "BitsPerDim", "bits_per_dim",
+    "BitsPerDim", "bits_per_dim", "NonFiniteError",
     "__version__",
 ]

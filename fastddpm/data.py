@@ -8,7 +8,8 @@ Also a folder of images and ``.npy`` / ``.npz`` arrays.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+import zipfile
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -64,6 +65,7 @@ def array_to_images(a: np.ndarray, name: str = "array") -> torch.Tensor:
         return _from_unit_range(a / 255.0)
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"{name}: expected uint8 or float pixels, got dtype {a.dtype}")
+    check_finite(a, name)
     lo, hi = float(a.min()), float(a.max())
     if lo >= 0.0 and hi <= 1.0:
         return _from_unit_range(a)
@@ -72,22 +74,51 @@ def array_to_images(a: np.ndarray, name: str = "array") -> torch.Tensor:
     raise ValueError(f"{name}: float pixels must lie in [0, 1] or [-1, 1], got [{lo}, {hi}]")
 
 
+def check_finite(images: Union[np.ndarray, torch.Tensor], name: str = "data") -> None:
+    """Raise a ValueError naming ``name`` when any image of ``images`` (``[N, ...]``) holds a NaN
+    or infinite pixel: one such pixel makes every training loss NaN from the step that draws it."""
+    if isinstance(images, torch.Tensor):
+        if not images.is_floating_point() or images.numel() == 0:
+            return
+        per_image = torch.isfinite(images).reshape(images.shape[0], -1).all(1).cpu().numpy()
+    else:
+        a = np.asarray(images)
+        if not np.issubdtype(a.dtype, np.floating) or a.size == 0:
+            return
+        per_image = np.isfinite(a).reshape(a.shape[0], -1).all(1)
+    bad = np.flatnonzero(~per_image)
+    if len(bad):
+        raise ValueError(f"{name}: expected finite pixels, got NaN or infinite values in {len(bad)} of "
+                         f"{len(per_image)} images (the first at index {bad[0]})")
+
+
+def _read_array(path: str) -> np.ndarray:
+    """The array of a ``.npy`` file, or the ``images``/``x``/``X`` (else the first) array of a
+    ``.npz`` file; a ValueError naming ``data`` and the file when it cannot be read as one.
+
+    ``allow_pickle=False``: an object array would run arbitrary code from the file when unpickled."""
+    try:
+        with open(path, "rb") as f:
+            data = np.load(f, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                return data
+            with data:
+                keys = list(data.keys())
+                if not keys:
+                    raise ValueError("it holds no arrays")
+                return data[next((k for k in ("images", "x", "X") if k in keys), keys[0])]
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        # numpy reports a truncated file, a bad header or an object array as one of these
+        raise ValueError(f"data: {path} is not a readable image array ({e})") from None
+
+
 def load_array(path: str) -> torch.Tensor:
     """Images from a ``.npy`` file or the first (or ``images``/``x``) array of a ``.npz`` file."""
-    data = np.load(path)
-    if isinstance(data, np.lib.npyio.NpzFile):
-        keys = list(data.keys())
-        if not keys:
-            raise ValueError(f"data: {path} holds no arrays")
-        key = next((k for k in ("images", "x", "X") if k in keys), keys[0])
-        data = data[key]
-    return array_to_images(data, name=f"data ({path})")
+    return array_to_images(_read_array(path), name=f"data ({path})")
 
 
 def load_image_folder(path: str, resolution: int, channels: int = 3) -> torch.Tensor:
     """Every image under ``path`` (recursively), resized to ``resolution`` squared."""
-    from PIL import Image
-
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
@@ -95,12 +126,22 @@ def load_image_folder(path: str, resolution: int, channels: int = 3) -> torch.Te
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ValueError(f"channels: expected 1 or 3, got {channels!r}")
-    arrays = []
-    for f in files:
-        with Image.open(f) as im:
-            im = im.convert(mode).resize((resolution, resolution), Image.BICUBIC)
-            arrays.append(np.asarray(im, dtype=np.uint8))
+    arrays = [_read_image(f, mode, resolution) for f in files]
     return array_to_images(np.stack(arrays), name=f"data ({path})")
+
+
+def _read_image(path: str, mode: str, resolution: int) -> np.ndarray:
+    """One image file converted to ``mode`` and resized; a ValueError naming ``data`` and the file
+    when PIL cannot decode it (a file with an image extension is not always an image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode).resize((resolution, resolution), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # OSError covers UnidentifiedImageError and truncated files; some decoders raise the others
+        raise ValueError(f"data: {path} is not a readable image ({e})") from None
 
 
 def load_dataset(name_or_path: str, *, resolution: Optional[int] = None,

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
 
-from .checkpoint import read_checkpoint, write_checkpoint
-from .data import load_dataset
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .data import check_finite, load_dataset
 from .diffusion import training_loss
 from .images import save_grid
 from .models.unet import PRESETS, UNet, UNetConfig
@@ -26,11 +28,44 @@ from .schedule import Schedule, ScheduleConfig
 from .utils import resolve_device
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+ON_NONFINITE = ("stop", "skip")
+# Losses stay on the device between host reads; a read at least this often bounds their memory.
+FLUSH_EVERY = 1024
+
+
+class NonFiniteError(ValueError):
+    """Training produced a NaN or infinite loss, gradient or weight. Nothing is saved after it:
+    the checkpoint on disk keeps the last finite weights."""
+
+
+def _int_field(name: str, value, low: int, high: Optional[int] = None) -> int:
+    """``value`` as an int in ``[low, high)``, else a TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value >= high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name}: expected an int {bounds}, got {value!r}")
+    return int(value)
+
+
+def _finite_float(name: str, value) -> float:
+    """``value`` as a finite float, else a TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation hyper-parameters (the paper's: lr 2e-4, warm-up 5000, clip 1, EMA 0.9999)."""
+    """Optimisation hyper-parameters (the paper's: lr 2e-4, warm-up 5000, clip 1, EMA 0.9999).
+
+    ``grad_clip`` 0 (or None) turns clipping off. ``on_nonfinite``: what a NaN or infinite loss or
+    gradient does: ``"stop"`` raises :class:`NonFiniteError` at the next log, sample or checkpoint
+    (before anything is written); ``"skip"`` leaves that step's weights, Adam state and EMA
+    unchanged, counts it and goes on.
+    """
 
     batch_size: int = 128
     lr: float = 2e-4
@@ -44,19 +79,59 @@ class TrainConfig:
     sample_steps: int = 100
     checkpoint_every: int = 1000
     log_every: int = 50
+    on_nonfinite: str = "stop"
 
     def __post_init__(self):
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {self.batch_size!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: expected a positive float, got {self.lr!r}")
+        self.batch_size = _int_field("batch_size", self.batch_size, 1)
+        self.sample_steps = _int_field("sample_steps", self.sample_steps, 1)
+        for name in ("warmup", "sample_every", "checkpoint_every", "log_every"):
+            setattr(self, name, _int_field(name, getattr(self, name), 0))
+        # the per-step generators are seeded with seed * 1_000_003 + step, which must fit 64 bits
+        self.seed = _int_field("seed", self.seed, 0, 2 ** 32)
+        self.lr = _finite_float("lr", self.lr)
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+        self.grad_clip = _finite_float("grad_clip", 0.0 if self.grad_clip is None else self.grad_clip)
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip: expected a non-negative number (0: no clipping), got {self.grad_clip!r}")
+        self.ema_decay = _finite_float("ema_decay", self.ema_decay)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected a float in [0, 1), got {self.ema_decay!r}")
         if self.amp not in (None, *AMP_DTYPES):
             raise ValueError(f"amp: expected None, 'bf16' or 'fp16', got {self.amp!r}")
-        for name in ("warmup", "sample_every", "checkpoint_every", "log_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected a non-negative int, got {getattr(self, name)!r}")
+        if not isinstance(self.flip, bool):
+            raise TypeError(f"flip: expected a bool, got {self.flip!r}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite: expected one of {ON_NONFINITE}, got {self.on_nonfinite!r}")
+
+
+def _train_config(kwargs: dict) -> TrainConfig:
+    """A :class:`TrainConfig` from keyword arguments, naming an unknown one in the error."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{unknown[0]}: not a training option; expected one of {sorted(known)}")
+    return TrainConfig(**kwargs)
+
+
+def _seeded_unet(config: UNetConfig, seed: int) -> UNet:
+    """A U-Net whose initial weights come from ``seed`` alone; torch's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        # a negative seed gives the initialisation a stream of its own: the per-step generators
+        # are all seeded with non-negative values
+        torch.manual_seed(-1 - seed)
+        return UNet(config)
+
+
+def _grad_norm(parameters) -> torch.Tensor:
+    """The 2-norm of all gradients, as a device tensor (no host sync): NaN or inf when any is."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every value of every tensor is finite (one host read)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
@@ -64,33 +139,46 @@ def _step_generator(device: torch.device, seed: int, step: int) -> torch.Generat
 
 
 class Trainer:
-    """Trains a :class:`DDPM` on a tensor of images in [-1, 1], writing into ``out``."""
+    """Trains a :class:`DDPM` on a tensor of images in [-1, 1], writing into ``out``.
+
+    Each step leaves its loss and whether it was finite on the device; the host reads them only
+    at log, sample and checkpoint time (and every ``FLUSH_EVERY`` steps), so a step never waits
+    for the accelerator.
+    """
 
     def __init__(self, ddpm: DDPM, images: torch.Tensor, out: str, config: TrainConfig = None,
                  device="cpu"):
         self.config = config or TrainConfig()
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(self.config).__name__}")
         self.device = resolve_device(device)
+        _check_images(images, ddpm.image_shape, self.config.batch_size)
         self.ddpm = ddpm
         self.model = ddpm.model.to(self.device)
-        if images.dim() != 4 or images.shape[1:] != torch.Size(ddpm.image_shape):
-            raise ValueError(f"images: expected [N, {', '.join(map(str, ddpm.image_shape))}], "
-                             f"got {tuple(images.shape)}")
         self.images = images.to(self.device)
         self.out = out
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr)
+        # "skip" needs the fused Adam: it alone drops a whole update on the device (see _apply_update)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=self._fused())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
         self.step = 0
         self.losses = []
+        self._pending = []  # this run's losses still on the device, in step order
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._first_nonfinite = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._saved_step = None  # the step of the last checkpoint this trainer wrote or resumed
+
+    def _fused(self) -> Optional[bool]:
+        """Adam's ``fused`` flag for this run's ``on_nonfinite``."""
+        return True if self.config.on_nonfinite == "skip" else None
 
     # ------------------------------------------------------------------------------- one step
     def _batch(self, g: torch.Generator) -> torch.Tensor:
         n, bs = self.images.shape[0], self.config.batch_size
-        per_epoch = max(1, n // bs)
+        per_epoch = n // bs
         epoch, j = divmod(self.step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
-        idx = order[j * bs:(j + 1) * bs] if n >= bs else order
-        batch = self.images[idx.to(self.device)]
+        batch = self.images[order[j * bs:(j + 1) * bs].to(self.device)]
         if self.config.flip:
             flip = torch.rand(batch.shape[0], generator=g, device=self.device) < 0.5
             batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
@@ -101,7 +189,17 @@ class Trainer:
         return self.config.lr * (min(1.0, (self.step + 1) / warm) if warm else 1.0)
 
     def train_step(self) -> float:
-        """One optimisation step on one batch; returns the loss."""
+        """One optimisation step on one batch; returns the loss.
+
+        Reads the loss on the host (the loop in :meth:`train` does not), and under
+        ``on_nonfinite="stop"`` raises :class:`NonFiniteError` when the step was not finite.
+        """
+        loss = self._step()
+        self._sync()
+        return float(loss)
+
+    def _step(self) -> torch.Tensor:
+        """One optimisation step; returns the loss, left on the device."""
         cfg = self.config
         g = _step_generator(self.device, cfg.seed, self.step)
         torch.manual_seed(cfg.seed * 1_000_003 + self.step)  # dropout
@@ -113,14 +211,56 @@ class Trainer:
             loss = training_loss(self.model, self.ddpm.schedule, x0, self.ddpm.prediction, generator=g)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        loss = loss.detach()
+        finite = self._clip_and_check(loss)
+        self._apply_update(finite)
+        self._update_ema(finite)
+        self._record(loss, finite)
+        self.step += 1
+        return loss
+
+    def _clip_and_check(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip the gradients (when ``grad_clip``) and return, as a device bool, whether the loss
+        and (where their norm is at hand) the gradients are finite."""
+        cfg = self.config
+        norm = None
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.scaler.step(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        elif cfg.on_nonfinite == "skip" and not self.scaler.is_enabled():
+            # without clipping the norm is not computed anyway; "skip" needs it, or an infinite
+            # gradient behind a finite loss would turn the weights into NaN
+            norm = _grad_norm(self.model.parameters())
+        finite = torch.isfinite(loss)
+        if norm is not None and not self.scaler.is_enabled():
+            # under fp16 an overflowing gradient is the scaler's business: it skips that step and
+            # lowers its scale, as it is designed to
+            finite = finite & torch.isfinite(norm)
+        return finite
+
+    def _apply_update(self, finite: torch.Tensor) -> None:
+        """The Adam step, dropped entirely (weights, moments, step count) under "skip" when the
+        step was not finite, without reading ``finite`` on the host."""
+        own_flag = self.config.on_nonfinite == "skip" and not self.scaler.is_enabled()
+        if own_flag:
+            # found_inf is the fused Adam's device-side "skip this update" input, the one an
+            # enabled GradScaler fills in itself (under fp16 it does, from the unscaled gradients)
+            self.optimizer.found_inf = (~finite).float()
+        try:
+            self.scaler.step(self.optimizer)
+        finally:
+            if own_flag:
+                del self.optimizer.found_inf
         self.scaler.update()
-        self._update_ema()
-        self.step += 1
-        return float(loss.detach())
+
+    def _record(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        """Keep the loss, count a non-finite step and remember the first one, on the device."""
+        bad = ~finite
+        self._first_nonfinite.masked_fill_(bad & (self._nonfinite == 0), self.step + 1)
+        self._nonfinite += bad
+        self._pending.append(loss)
+        if len(self._pending) >= FLUSH_EVERY:
+            self._sync()
 
     def ema_decay(self) -> float:
         """The EMA decay at the current step: ``ema_decay``, warmed up as ``(1 + n) / (10 + n)``
@@ -128,17 +268,57 @@ class Trainer:
         return min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
 
     @torch.no_grad()
-    def _update_ema(self):
+    def _update_ema(self, finite: torch.Tensor):
         ema_p, p = list(self.ema.parameters()), list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, p, 1.0 - self.ema_decay())
+        weight = 1.0 - self.ema_decay()
+        if self.config.on_nonfinite == "skip":
+            # a skipped step moves the EMA by weight 0, chosen on the device
+            delta = torch._foreach_sub(p, ema_p)
+            torch._foreach_mul_(delta, finite * weight)
+            torch._foreach_add_(ema_p, delta)
+        else:
+            torch._foreach_lerp_(ema_p, p, weight)
         for eb, b in zip(self.ema.buffers(), self.model.buffers()):
             eb.copy_(b)
+
+    # ------------------------------------------------------------------- host reads, checks
+    def nonfinite_steps(self) -> int:
+        """How many steps of this run had a NaN or infinite loss or gradient (skipped ones under
+        ``on_nonfinite="skip"``); a host read."""
+        return int(self._nonfinite)
+
+    def _sync(self) -> None:
+        """Move the pending losses into ``self.losses``; under "stop", raise
+        :class:`NonFiniteError` if any step so far was not finite."""
+        if self._pending:
+            self.losses.extend(torch.stack(self._pending).tolist())
+            self._pending.clear()
+        if self.config.on_nonfinite == "stop" and self.nonfinite_steps():
+            first = int(self._first_nonfinite)
+            raise NonFiniteError(f"training: the loss or gradients became NaN or infinite at step {first}; "
+                                 f"{self._kept_checkpoint()}. Lower lr, set grad_clip, check the data, or "
+                                 f"pass on_nonfinite='skip' to skip such steps")
+
+    def _ensure_finite(self) -> None:
+        """Before a sample grid or a checkpoint: every step finite (under "stop") and the weights
+        and EMA finite, else :class:`NonFiniteError`, so NaN weights are never written."""
+        self._sync()
+        if not _all_finite([*self.model.parameters(), *self.ema.parameters()]):
+            raise NonFiniteError(f"training: the weights became NaN or infinite by step {self.step}; "
+                                 f"{self._kept_checkpoint()}. Lower lr or set grad_clip")
+
+    def _kept_checkpoint(self) -> str:
+        if self._saved_step is None:
+            return "no checkpoint was written"
+        return f"the checkpoint {self.checkpoint_path()} is left at step {self._saved_step}"
 
     # ------------------------------------------------------------------------------ the loop
     def train(self, steps: int, *, max_minutes: Optional[float] = None, progress: bool = True) -> DDPM:
         """Train until ``self.step == steps`` (or ``max_minutes`` of wall time), checkpointing as set.
 
-        Returns the DDPM with the EMA weights; the raw weights stay in ``self.model``.
+        Returns the DDPM with the EMA weights; the raw weights stay in ``self.model``. Raises
+        :class:`NonFiniteError` (under ``on_nonfinite="stop"``) at the first log, sample or
+        checkpoint after a non-finite step, without writing a checkpoint.
         """
         from tqdm.auto import tqdm
 
@@ -149,15 +329,12 @@ class Trainer:
         log = open(os.path.join(self.out, "log.jsonl"), "a")
         try:
             while self.step < steps:
-                loss = self.train_step()
-                self.losses.append(loss)
+                self._step()
                 bar.update(1)
                 if cfg.log_every and self.step % cfg.log_every == 0:
-                    recent = self.losses[-cfg.log_every:]
-                    mean = sum(recent) / len(recent)
-                    bar.set_postfix(loss=f"{mean:.4f}")
-                    log.write(json.dumps({"step": self.step, "loss": mean, "lr": self._lr(),
-                                          "elapsed_s": round(time.monotonic() - start, 1)}) + "\n")
+                    record = self._log_record(time.monotonic() - start)
+                    bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.4f}")
+                    log.write(json.dumps(record, allow_nan=False) + "\n")
                     log.flush()
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.save_samples()
@@ -171,6 +348,18 @@ class Trainer:
         self.save_checkpoint()
         return self.ema_ddpm()
 
+    def _log_record(self, elapsed: float) -> dict:
+        """One log.jsonl line: ``loss`` is the mean of the finite losses of the last ``log_every``
+        steps (null when there is none), so that every line stays valid JSON."""
+        self._sync()
+        recent = [x for x in self.losses[-self.config.log_every:] if math.isfinite(x)]
+        mean = sum(recent) / len(recent) if recent else None
+        record = {"step": self.step, "loss": mean if mean is not None and math.isfinite(mean) else None,
+                  "lr": self._lr(), "elapsed_s": round(elapsed, 1)}
+        if self.config.on_nonfinite == "skip":
+            record["skipped"] = self.nonfinite_steps()
+        return record
+
     # ---------------------------------------------------------------------------- artefacts
     def ema_ddpm(self) -> DDPM:
         """The EMA model as a DDPM (shares weights with the trainer)."""
@@ -180,6 +369,7 @@ class Trainer:
         """Sample a grid from the EMA model into ``out/samples/step_XXXXXXX.png``."""
         from .sampling import sample
 
+        self._ensure_finite()
         x = sample(self.ema_ddpm(), n, steps=min(self.config.sample_steps, self.ddpm.schedule.T),
                    seed=self.config.seed, device=self.device, progress=False, reuse=False)
         path = os.path.join(self.out, "samples", f"step_{self.step:07d}.png")
@@ -191,10 +381,14 @@ class Trainer:
         return os.path.join(self.out, "checkpoint")
 
     def save_checkpoint(self) -> str:
-        """Write model, EMA, optimizer state and config to ``out/checkpoint`` atomically."""
+        """Write model, EMA, optimizer state and config to ``out/checkpoint`` atomically; a
+        :class:`NonFiniteError` instead when the run is no longer finite (the old one stays)."""
+        self._ensure_finite()
         config = dict(self.ema_ddpm().config_dict(), train=asdict(self.config))
         state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        return write_checkpoint(self.checkpoint_path(), config, self.model, ema=self.ema, optimizer=state)
+        path = write_checkpoint(self.checkpoint_path(), config, self.model, ema=self.ema, optimizer=state)
+        self._saved_step = self.step
+        return path
 
     @classmethod
     def resume(cls, out: str, images: torch.Tensor, device="cpu", **overrides) -> "Trainer":
@@ -204,13 +398,83 @@ class Trainer:
             raise ValueError(f"out: {out!r} holds a checkpoint without EMA or optimizer state; "
                              f"it cannot be resumed")
         ddpm = build_ddpm(ckpt.config, ckpt.model, ckpt.path)
-        train_cfg = dict(ckpt.config.get("train", {}), **overrides)
-        trainer = cls(ddpm, images, out, TrainConfig(**train_cfg), device=device)
+        trainer = cls(ddpm, images, out, _train_config(dict(ckpt.config.get("train", {}), **overrides)),
+                      device=device)
+        _check_resume_state(ckpt.ema, ckpt.optimizer, trainer, ckpt.path)
         trainer.ema.load_state_dict(ckpt.ema)
-        trainer.optimizer.load_state_dict(ckpt.optimizer["optimizer"])
-        trainer.scaler.load_state_dict(ckpt.optimizer["scaler"])
-        trainer.step = ddpm.step
+        trainer.optimizer.load_state_dict(_as_optimizer_flavour(ckpt.optimizer["optimizer"], trainer._fused()))
+        if ckpt.optimizer["scaler"]:  # empty when written without fp16: a fresh scaler then
+            trainer.scaler.load_state_dict(ckpt.optimizer["scaler"])
+        trainer.step = trainer._saved_step = ddpm.step
         return trainer
+
+
+def _resume_error(path: str, what: str) -> CheckpointError:
+    """The error for a checkpoint that cannot be resumed."""
+    return CheckpointError(f"checkpoint: {path!r} cannot be resumed: {what}")
+
+
+def _check_images(images, image_shape, batch_size: int) -> None:
+    """The training images: a tensor ``[N, *image_shape]`` of finite values, N >= ``batch_size``."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images: expected a tensor, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1:] != torch.Size(image_shape):
+        raise ValueError(f"images: expected [N, {', '.join(map(str, image_shape))}], "
+                         f"got {tuple(images.shape)}")
+    if batch_size > images.shape[0]:
+        raise ValueError(f"batch_size: expected at most the dataset size ({images.shape[0]} images), "
+                         f"got {batch_size}")
+    check_finite(images, "images")
+
+
+def _check_resume_state(ema: dict, state, trainer: Trainer, path: str) -> None:
+    """Raise a :class:`CheckpointError` naming ``path`` unless the EMA weights and optimizer.pt
+    are what :meth:`Trainer.save_checkpoint` writes for this model: checked before anything is
+    loaded, so a bad checkpoint changes nothing."""
+    ref = trainer.ema.state_dict()
+    if set(ema) != set(ref) or any(tuple(ema[k].shape) != tuple(ref[k].shape) for k in ref):
+        raise _resume_error(path, "its EMA weights do not match its model")
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), dict) for k in ("optimizer", "scaler")):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise _resume_error(path, f"optimizer.pt: expected a dict with 'optimizer' and 'scaler' dicts, got {got}")
+    _check_adam_state(state["optimizer"], trainer.optimizer, path)
+    scaler = state["scaler"]
+    missing = sorted({"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"} - set(scaler))
+    if scaler and missing:
+        raise _resume_error(path, f"optimizer.pt: its GradScaler state lacks {missing}")
+
+
+def _check_adam_state(saved, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """``saved`` is an Adam state dict for ``optimizer``'s parameters (groups, sizes, moment shapes)."""
+    groups = optimizer.param_groups
+    saved_groups = saved.get("param_groups")
+    if not isinstance(saved.get("state"), dict) or not isinstance(saved_groups, list) or \
+            not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups):
+        raise _resume_error(path, "optimizer.pt: expected an optimizer state dict ('state', 'param_groups')")
+    sizes, saved_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in saved_groups]
+    if sizes != saved_sizes:
+        raise _resume_error(path, f"optimizer.pt: expected parameter groups of sizes {sizes}, got {saved_sizes}")
+    params = dict(zip((i for g in saved_groups for i in g["params"]), (p for g in groups for p in g["params"])))
+    for i, entry in saved["state"].items():
+        p = params.get(i)
+        if p is None or not isinstance(entry, dict) or "step" not in entry:
+            raise _resume_error(path, f"optimizer.pt: unusable state for parameter {i!r}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = entry.get(key)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise _resume_error(path, f"optimizer.pt: parameter {i}'s {key}: expected shape "
+                                              f"{tuple(p.shape)}, got {got}")
+
+
+def _as_optimizer_flavour(saved: dict, fused: Optional[bool]) -> dict:
+    """``saved`` set up for this trainer's Adam (fused or not): ``load_state_dict`` adopts the
+    saved groups' flags, and the run that wrote them may have used the other ``on_nonfinite``.
+    Non-fused Adam keeps its step counts on the CPU (the fused one moves them itself on load)."""
+    groups = [dict(g, fused=fused) for g in saved["param_groups"]]
+    state = {i: dict(entry, step=entry["step"].cpu()) if isinstance(entry["step"], torch.Tensor) else entry
+             for i, entry in saved["state"].items()}
+    return dict(saved, param_groups=groups, state=state)
 
 
 def train(data="digits", *, out: str, steps: int, preset: Optional[str] = None,
@@ -220,10 +484,11 @@ def train(data="digits", *, out: str, steps: int, preset: Optional[str] = None,
     """Train a DDPM on ``data`` (``"digits"``, ``"mnist"``, a folder, a .npy/.npz file or a tensor).
 
     ``preset`` (default: the data's name when it is a bundled set, else ``cifar10``) or
-    ``model_config`` chooses the U-Net; other keyword arguments are :class:`TrainConfig` fields.
-    With ``resume=True`` training continues from ``out/checkpoint``. Returns the EMA model.
+    ``model_config`` chooses the U-Net, whose initial weights are drawn from ``seed``; other
+    keyword arguments are :class:`TrainConfig` fields. With ``resume=True`` training continues
+    from ``out/checkpoint``. Returns the EMA model.
     """
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
     if model_config is None:
         name = preset or (data if isinstance(data, str) and data in PRESETS else "cifar10")
@@ -231,12 +496,15 @@ def train(data="digits", *, out: str, steps: int, preset: Optional[str] = None,
             raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
         model_config = PRESETS[name]
     if isinstance(data, torch.Tensor):
+        check_finite(data, "data")
         images = data
     else:
         images = load_dataset(data, resolution=model_config.resolution, channels=model_config.in_channels)
     if resume:
         trainer = Trainer.resume(out, images, device=device, **train_kwargs)
     else:
-        ddpm = DDPM(UNet(model_config), Schedule.from_config(schedule or ScheduleConfig()), prediction)
-        trainer = Trainer(ddpm, images, out, TrainConfig(**train_kwargs), device=device)
+        config = _train_config(train_kwargs)
+        ddpm = DDPM(_seeded_unet(model_config, config.seed), Schedule.from_config(schedule or ScheduleConfig()),
+                    prediction)
+        trainer = Trainer(ddpm, images, out, config, device=device)
     return trainer.train(steps, max_minutes=max_minutes, progress=progress)
