@@ -272,32 +272,32 @@ def test_bad_inputs_raise_clear_errors():
     x = torch.randn(2, 4, 3, 3)
     c = COEFFS["fixed_large"]
     step = torch.ops.fastddpm.ddpm_step
-    with pytest.raises(RuntimeError, match=r"t: expected timesteps in \[0, 1000\), got 1000"):
+    with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 1000\), got 1000"):
         step(x, x, torch.tensor([1, 1000]), c, x, None, None)
-    with pytest.raises(RuntimeError, match=r"t: expected timesteps in \[0, 1000\), got -1"):
+    with pytest.raises(ValueError, match=r"t: expected timesteps in \[0, 1000\), got -1"):
         torch.ops.fastddpm.q_sample(x, torch.tensor([-1, 3]), NOISING, x, None)
-    with pytest.raises(RuntimeError, match="model_out: expected shape"):
+    with pytest.raises(ValueError, match="model_out: expected shape"):
         step(x, x[:, :2], torch.tensor([1, 2]), c, x, None, None)
-    with pytest.raises(RuntimeError, match="model_out: expected dtype"):
+    with pytest.raises(ValueError, match="model_out: expected dtype"):
         step(x, x.double(), torch.tensor([1, 2]), c, x, None, None)
-    with pytest.raises(RuntimeError, match="t: expected an int64"):
+    with pytest.raises(ValueError, match="t: expected an int64"):
         step(x, x, torch.tensor([1, 2], dtype=torch.int32), c, x, None, None)
-    with pytest.raises(RuntimeError, match="coeffs: expected a contiguous float32"):
+    with pytest.raises(ValueError, match="coeffs: expected a contiguous float32"):
         step(x, x, torch.tensor([1, 2]), NOISING, x, None, None)
-    with pytest.raises(RuntimeError, match="rng_state: required"):
+    with pytest.raises(ValueError, match="rng_state: required"):
         step(x, x, torch.tensor([1, 2]), c, None, None, None)
-    with pytest.raises(RuntimeError, match="clip: expected None or a positive"):
+    with pytest.raises(ValueError, match="clip: expected None or a positive"):
         step(x, x, torch.tensor([1, 2]), c, x, None, -1.0)
-    with pytest.raises(RuntimeError, match="x: expected a floating-point"):
+    with pytest.raises(ValueError, match="x: expected a floating-point"):
         step(x.int(), x.int(), torch.tensor([1, 2]), c, x.int(), None, None)
     gn = torch.ops.fastddpm.group_norm_act
-    with pytest.raises(RuntimeError, match="groups: expected a positive divisor of C=4, got 3"):
+    with pytest.raises(ValueError, match="groups: expected a positive divisor of C=4, got 3"):
         gn(x, None, None, 3, 1e-6, None, True)
-    with pytest.raises(RuntimeError, match="each group must hold more than one value"):
+    with pytest.raises(ValueError, match="each group must hold more than one value"):
         gn(torch.randn(2, 4, 1, 1), None, None, 4, 1e-6, None, True)
-    with pytest.raises(RuntimeError, match=r"temb: expected shape \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"temb: expected shape \[2, 4\]"):
         gn(x, None, None, 2, 1e-6, torch.randn(2, 3), True)
-    with pytest.raises(RuntimeError, match=r"weight: expected shape \[4\]"):
+    with pytest.raises(ValueError, match=r"weight: expected shape \[4\]"):
         gn(x, torch.randn(5), None, 2, 1e-6, None, True)
 
 
@@ -355,7 +355,7 @@ def test_ddpm_step_out_writes_in_place(kind):
     got = ops.ddpm_step(layout(x, kind), m, t, c, z, 1.0, out=out, backend="native")
     assert got is out
     assert torch.equal(out, reference.ddpm_step(x, m, t, c, z, 1.0))
-    with pytest.raises(RuntimeError, match="out: expected the dense layout"):
+    with pytest.raises(ValueError, match="out: expected the dense layout"):
         torch.ops.fastddpm.ddpm_step_out(x, m, t, c, z, None, None, torch.empty(2, 3, 5, 4).transpose(-1, -2))
 
 

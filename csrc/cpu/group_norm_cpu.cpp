@@ -226,7 +226,7 @@ void group_norm_nhwc(const scalar_t* xp, scalar_t* yp, const acc_t* wp, const ac
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     int64_t groups, double eps, const c10::optional<at::Tensor>& temb, bool silu_act) {
-  check_group_norm_args(x_in, weight, bias, groups, temb);
+  check_group_norm_args(x_in, weight, bias, groups, eps, temb);
   const int64_t N = x_in.size(0), C = x_in.size(1);
   const int64_t HW = (N > 0 && C > 0) ? x_in.numel() / (N * C) : 0;
   const bool nhwc = x_in.dim() == 4 && !x_in.is_contiguous() &&

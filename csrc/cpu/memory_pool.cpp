@@ -121,7 +121,7 @@ class CachingCPUAllocator final : public c10::Allocator {
 
 std::vector<int64_t> cpu_memory_pool(bool enable, int64_t limit_bytes) {
   auto& pool = CachingCPUAllocator::instance();
-  TORCH_CHECK(limit_bytes >= 0, "cpu_memory_pool: limit_bytes must be >= 0, got ", limit_bytes);
+  TORCH_CHECK_VALUE(limit_bytes >= 0, "limit_bytes: expected an int >= 0, got ", limit_bytes);
   if (enable) pool.enable(limit_bytes);
   else pool.disable();
   return pool.stats();

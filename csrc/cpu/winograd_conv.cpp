@@ -111,14 +111,14 @@ FDDPM_ISA_CLONES void output_transform(const float* M, const float* bias, float*
 // x: [N, C, H, W] float32 (read as channels_last); U: [16, C, K] transformed weights; bias: [K].
 // Returns [N, K, H, W] in channels_last.
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& U, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x_in.dim() == 4, "x: expected [N, C, H, W], got ", x_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && U.scalar_type() == at::kFloat,
-              "winograd_conv3x3: expected float32 x and U, got ", x_in.scalar_type(), " and ", U.scalar_type());
-  TORCH_CHECK(U.dim() == 3 && U.size(0) == 16 && U.size(1) == x_in.size(1),
-              "U: expected [16, C=", x_in.size(1), ", K] (fastddpm.models.winograd.transform_weight), got ", U.sizes());
+  TORCH_CHECK_VALUE(x_in.dim() == 4, "x: expected [N, C, H, W], got ", x_in.sizes());
+  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat, "x: expected a float32 tensor, got ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(U.scalar_type() == at::kFloat, "U: expected a float32 tensor, got ", U.scalar_type());
+  TORCH_CHECK_VALUE(U.dim() == 3 && U.size(0) == 16 && U.size(1) == x_in.size(1), "U: expected [16, C=",
+                    x_in.size(1), ", K] (fastddpm.ops.winograd.transform_weight), got ", U.sizes());
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), K = U.size(2);
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == K && bias->scalar_type() == at::kFloat),
-              "bias: expected float32 [", K, "]");
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == K && bias->scalar_type() == at::kFloat),
+                    "bias: expected float32 [", K, "], got ", bias->scalar_type(), " ", bias->sizes());
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor u = U.contiguous();
   const at::Tensor b = bias ? bias->contiguous() : at::zeros({K}, x.options());  // no bias: add zeros

@@ -163,12 +163,13 @@ int threads_for(uint32_t values) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     int64_t groups, double eps, const c10::optional<at::Tensor>& temb, bool silu_act) {
-  check_group_norm_args(x_in, weight, bias, groups, temb);
-  TORCH_CHECK(x_in.scalar_type() != at::kDouble, "x: float64 is not supported on CUDA; use float32, float16 or bfloat16");
+  check_group_norm_args(x_in, weight, bias, groups, eps, temb);
+  TORCH_CHECK_VALUE(x_in.scalar_type() != at::kDouble,
+                    "x: float64 is not supported on CUDA; use float32, float16 or bfloat16");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t N = x_in.size(0), C = x_in.size(1), G = groups;
   const int64_t HW = x_in.numel() / std::max<int64_t>(N * C, 1);
-  TORCH_CHECK(C * HW < (int64_t(1) << 31), "x: a sample of ", C * HW, " values is too large for the CUDA kernel");
+  TORCH_CHECK_VALUE(C * HW < (int64_t(1) << 31), "x: a sample of ", C * HW, " values is too large for the CUDA kernel");
   const bool nhwc = x_in.dim() == 4 && !x_in.is_contiguous() &&
                     x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor x = nhwc ? x_in : x_in.contiguous();

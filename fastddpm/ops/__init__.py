@@ -9,6 +9,17 @@ Noise is resolved here, once, into what the backends take: the given ``noise`` t
 ``torch.randn`` from ``generator`` (bit-compatible with the reference sampler's draws); or the
 counter-based Philox stream of ``rng`` (a :class:`PhiloxState`), drawn inside the kernels. With
 none of them, a Philox state is seeded from torch's global RNG for the call.
+
+Errors: a bad argument raises ``TypeError`` (not of an accepted Python type: a numpy array for a
+tensor, a bool for an int) or ``ValueError`` (a wrong dtype, shape, device, layout or range),
+whose message starts with the argument's name; the native kernels' own checks raise the same
+classes. No other exception comes from an argument (:mod:`fastddpm.ops.checks`).
+
+Timesteps: ``t`` is range-checked (``ValueError``) where reading it is free: CPU tensors, eager
+mode, ``trusted_t=False``. Elsewhere (CUDA, where the read would be a host sync; a traced graph;
+``trusted_t=True``) t is trusted, which means unchecked: an out-of-range value gives unspecified
+values, never a crash or an out-of-bounds read, as every backend clamps t into ``[0, T)`` on the
+device (the native CPU kernels still raise ``ValueError``, as reading t costs them nothing).
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import native, reference, winograd
+from . import checks, native, reference, winograd
 from .dispatch import (BACKENDS, CUDA_PREFERENCE, auto_backend, available_backends, forced_backend, implementation,
                        use_backend)
 from .memory_pool import cpu_memory_pool
@@ -52,55 +63,40 @@ def triton_status() -> str:
 
 
 def _resolve_noise(x: torch.Tensor, noise: Optional[torch.Tensor], generator: Optional[torch.Generator],
-                   rng: Optional[PhiloxState]) -> Tuple[Optional[torch.Tensor], Optional[PhiloxState]]:
+                   rng: Optional[PhiloxState], x_name: str) -> Tuple[Optional[torch.Tensor], Optional[PhiloxState]]:
     """(noise tensor, None) or (None, Philox state to draw in-kernel from): the one place an op's
     noise source is decided."""
     given = [name for name, v in (("noise", noise), ("generator", generator), ("rng", rng)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"noise / generator / rng: give at most one noise source, got {' and '.join(given)}")
     if noise is not None:
-        _check_like("noise", noise, x)
-        return noise, None
+        return checks.like("noise", noise, x, x_name), None
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+            raise TypeError(f"generator: expected a torch.Generator, got {checks.type_name(generator)}")
+        if generator.device.type != x.device.type:
+            raise ValueError(f"generator: expected a torch.Generator for {x.device.type} like {x_name}, "
+                             f"got one for {generator.device.type}")
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), None
     if rng is not None:
         if not isinstance(rng, PhiloxState):
-            raise TypeError(f"rng: expected a fastddpm.ops.PhiloxState, got {type(rng).__name__}")
+            raise TypeError(f"rng: expected a fastddpm.ops.PhiloxState, got {checks.type_name(rng)}")
         if rng.device != x.device:
-            raise ValueError(f"rng: expected a PhiloxState on {x.device}, got one on {rng.device}")
+            raise ValueError(f"rng: expected a PhiloxState on {x.device} like {x_name}, got one on {rng.device}")
         return None, rng
     return None, PhiloxState(device=x.device)
 
 
-def _check_t(t: torch.Tensor, x: torch.Tensor, table: torch.Tensor, table_name: str, cols: int,
-             check_range: bool = True):
-    if not torch.is_tensor(t) or t.dtype != torch.int64 or t.dim() != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t: expected an int64 tensor of shape [{x.shape[0]}], got "
-                         f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-    if t.device != x.device:
-        raise ValueError(f"t: expected device {x.device}, got {t.device}")
-    if table.dim() != 2 or table.shape[1] != cols or table.dtype != torch.float32:
-        raise ValueError(f"{table_name}: expected a float32 [T, {cols}] table, got "
-                         f"{table.dtype} {tuple(table.shape)}")
-    if table.device != x.device:
-        raise ValueError(f"{table_name}: expected device {x.device}, got {table.device}")
-    if (check_range and t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling()
-            and not (0 <= int(t.min()) and int(t.max()) < table.shape[0])):
-        # Only where reading t is free: on a GPU it would cost a host sync per call, and a traced
-        # graph cannot branch on it. There t is trusted (the sampler makes its own).
-        raise ValueError(f"t: expected timesteps in [0, {table.shape[0]}), got {t.tolist()}")
-
-
-def _check_like(name: str, y: Optional[torch.Tensor], x: torch.Tensor):
-    if y is None:
-        return
-    if y.shape != x.shape or y.device != x.device:
-        raise ValueError(f"{name}: expected shape {tuple(x.shape)} on {x.device}, got "
-                         f"{tuple(y.shape)} on {y.device}")
-    if y.dtype != x.dtype:
-        raise ValueError(f"{name}: expected dtype {x.dtype} like x, got {y.dtype}")
+def _check_step_inputs(x, x_name: str, t, table, table_name: str, cols: int, trusted_t: bool) -> None:
+    """The inputs q_sample and ddpm_step share: a floating ``[B, ...]`` x with B >= 1, the table,
+    and ``t`` (its range read only where that is free: on the CPU, eagerly, unless trusted)."""
+    checks.floating(x_name, x)
+    checks.batch(x_name, x)
+    checks.table(table_name, table, cols, x.device)
+    # On a GPU reading t would cost a host sync per call, and a traced graph cannot branch on it:
+    # there t is not range-checked, and the backends clamp it instead (see the module docstring).
+    check_range = not trusted_t and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    checks.timesteps(t, x, table, check_range)
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
@@ -108,10 +104,13 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
              rng: Optional[PhiloxState] = None, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Noise ``x0`` to timestep ``t``: returns ``(x_t, noise)``.
 
-    ``table`` is ``schedule.table("noising", device)``; ``noise`` is drawn when None.
+    ``x0`` is a float16/bfloat16/float32/float64 ``[B, ...]`` tensor with ``B >= 1``; ``t`` an int64
+    ``[B]`` tensor on its device; ``table`` is ``schedule.table("noising", device)`` (float32
+    ``[T, 2]``, contiguous); ``noise`` (like ``x0``) is drawn when None. Raises TypeError / ValueError
+    for bad arguments (module docstring), nothing else.
     """
-    _check_t(t, x0, table, "table", 2)
-    noise, rng = _resolve_noise(x0, noise, generator, rng)
+    _check_step_inputs(x0, "x0", t, table, "table", 2, trusted_t=False)
+    noise, rng = _resolve_noise(x0, noise, generator, rng, "x0")
     return implementation(backend, x0.device).q_sample(x0, t, table, noise, rng=rng)
 
 
@@ -121,17 +120,33 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs:
               rng: Optional[PhiloxState] = None, backend: str = "auto", trusted_t: bool = False) -> torch.Tensor:
     """One reverse step of any sampler (DESIGN.md section 2) with coefficient table ``coeffs``.
 
-    ``coeffs`` is ``schedule.table("step", device, ...)``; ``clip`` bounds x0 to ``[-clip, clip]``.
+    ``x`` is a float16/bfloat16/float32/float64 ``[B, ...]`` tensor with ``B >= 1``; ``model_out``,
+    ``noise`` and ``out`` are like it (``out`` may be ``x`` itself, not an expanded view); ``t`` an
+    int64 ``[B]`` tensor on its device; ``coeffs`` is ``schedule.table("step", device, ...)``
+    (float32 ``[T, 6]``, contiguous); ``clip`` (a float > 0, or None) bounds x0 to ``[-clip, clip]``.
     ``trusted_t``: skip reading ``t`` to check its range (for loops that built ``t`` themselves:
-    the check reads the tensor on the host).
+    the check reads the tensor on the host); an out-of-range ``t`` then gives unspecified values
+    (module docstring). Raises TypeError / ValueError for bad arguments, nothing else.
     """
-    _check_t(t, x, coeffs, "coeffs", 6, check_range=not trusted_t)
-    _check_like("model_out", model_out, x)
-    _check_like("out", out, x)
-    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
-        raise ValueError(f"clip: expected None or a positive float, got {clip!r}")
-    noise, rng = _resolve_noise(x, noise, generator, rng)
+    _check_step_inputs(x, "x", t, coeffs, "coeffs", 6, trusted_t)
+    checks.like("model_out", checks.tensor("model_out", model_out), x)
+    checks.like("out", out, x)
+    checks.writable("out", out)
+    if clip is not None:
+        # inf is a valid bound (no clipping), as the samplers accept it; NaN is not
+        clip = checks.positive_float("clip", clip, finite=False)
+    noise, rng = _resolve_noise(x, noise, generator, rng, "x")
     return implementation(backend, x.device).ddpm_step(x, model_out, t, coeffs, noise, clip, out=out, rng=rng)
+
+
+def _check_channel_param(name: str, p, shape: Tuple[int, ...], x: torch.Tensor) -> None:
+    """weight / bias / temb of group_norm_act: None, or a floating tensor of ``shape`` on x's device."""
+    if checks.optional_tensor(name, p) is None:
+        return
+    checks.floating(name, p)
+    if tuple(p.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(p.shape)}")
+    checks.on_device(name, p, x.device)
 
 
 def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -139,25 +154,29 @@ def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
                    act: Optional[str] = "silu", *, backend: str = "auto") -> torch.Tensor:
     """``act(GroupNorm(x + temb[:, :, None, None]) * weight + bias)`` in one op.
 
-    ``act`` is ``"silu"`` or None; ``temb`` is ``[B, C]`` or None.
+    ``x`` is a float16/bfloat16/float32/float64 ``[B, C, ...]`` tensor (at least 3 dims; C and the
+    spatial sizes >= 1, B may be 0); ``weight`` and ``bias`` are floating ``[C]`` tensors or None;
+    ``groups`` an int dividing C, each group holding more than one value; ``eps`` a finite float
+    > 0; ``temb`` a floating ``[B, C]`` tensor or None; ``act`` is ``"silu"`` or None. Raises
+    TypeError / ValueError for bad arguments (module docstring), nothing else.
     """
-    if x.dim() < 3:
-        raise ValueError(f"x: expected [B, C, ...] with at least 3 dims, got {tuple(x.shape)}")
-    C = x.shape[1]
-    if not isinstance(groups, int) or groups < 1 or C % groups:
+    checks.floating("x", x)
+    checks.batch("x", x, min_dim=3, nonempty_batch=False)
+    if 0 in x.shape[1:]:
+        raise ValueError(f"x: expected [B, C, ...] with C and the spatial sizes >= 1, got {tuple(x.shape)}")
+    B, C = x.shape[:2]
+    groups = checks.integer("groups", groups, low=1)
+    if C % groups:
         raise ValueError(f"groups: expected a positive divisor of C={C}, got {groups!r}")
-    if x.numel() and x.numel() // (x.shape[0] * groups) < 2:
+    per_group = x.shape[1:].numel() // groups
+    if per_group < 2:
         raise ValueError(f"groups: each group must hold more than one value; {groups} groups of "
-                         f"x {tuple(x.shape)} hold {x.numel() // (x.shape[0] * groups)}")
-    if temb is not None and (tuple(temb.shape) != (x.shape[0], C) or temb.device != x.device):
-        raise ValueError(f"temb: expected shape {(x.shape[0], C)} on {x.device}, got "
-                         f"{tuple(temb.shape)} on {temb.device}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and (tuple(p.shape) != (C,) or p.device != x.device):
-            raise ValueError(f"{name}: expected shape ({C},) on {x.device}, got "
-                             f"{tuple(p.shape)} on {p.device}")
-    if act not in ("silu", None):
-        raise ValueError(f"act: expected 'silu' or None, got {act!r}")
+                         f"x {tuple(x.shape)} hold {per_group}")
+    eps = checks.positive_float("eps", eps)
+    _check_channel_param("temb", temb, (B, C), x)
+    _check_channel_param("weight", weight, (C,), x)
+    _check_channel_param("bias", bias, (C,), x)
+    checks.choice("act", act, ("silu", None))
     if backend == "auto" and forced_backend() is None:
         # Training: the native backward is a composite of PyTorch ops, slower than eager
         # group_norm's fused backward, so "auto" keeps the reference until a fused one exists.

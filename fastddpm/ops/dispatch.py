@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from . import native, reference
+from . import checks, native, reference
 from . import triton as _triton
 
 BACKENDS = {"reference": reference}
@@ -41,6 +41,10 @@ def available_backends() -> Tuple[str, ...]:
 
 
 def _check_name(name, what: str) -> str:
+    """``name``, which must be "auto" or the name of an available backend."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what}: expected a str ('auto' or one of {available_backends()}), "
+                        f"got {checks.type_name(name)}")
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{what}: expected 'auto' or one of {available_backends()}, got {name!r}")
     return name
@@ -90,11 +94,11 @@ def auto_backend(device: torch.device, graph: Optional[bool] = None) -> str:
 
 
 def implementation(backend: str, device: torch.device):
-    """The backend module (or object) that runs an op for ``backend`` on ``device``."""
-    if backend == "auto":
+    """The backend module (or object) that runs an op for ``backend`` on ``device``: ValueError
+    when the name is unknown or the backend has no kernels for ``device``."""
+    if _check_name(backend, "backend") == "auto":
         backend = auto_backend(device)
-    try:
-        return BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, "
-                         f"got {backend!r}") from None
+    module = BACKENDS[backend]
+    if not module.runs_on(device):
+        raise ValueError(f"backend: {backend!r} has no kernels for {device} tensors here ({module.WHERE})")
+    return module

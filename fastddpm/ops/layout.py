@@ -27,8 +27,11 @@ def stat_dtype(x: torch.Tensor) -> torch.dtype:
 
 def per_sample(table: torch.Tensor, t: torch.Tensor, ndim: int) -> Tuple[torch.Tensor, ...]:
     """Gather ``table[t]`` on the device (no host sync) and split it into columns shaped
-    ``[B, 1, 1, ...]`` (``ndim`` dims) for broadcasting against a ``[B, ...]`` tensor."""
-    rows = table.index_select(0, t)
+    ``[B, 1, 1, ...]`` (``ndim`` dims) for broadcasting against a ``[B, ...]`` tensor.
+
+    An out-of-range ``t`` (trusted, so unchecked: see :mod:`fastddpm.ops`) is clamped into the
+    table, as the kernels do: unspecified values rather than an IndexError or a device assert."""
+    rows = table.index_select(0, t.clamp(0, table.shape[0] - 1))
     shape = (t.shape[0],) + (1,) * (ndim - 1)
     return tuple(rows[:, i].reshape(shape) for i in range(table.shape[1]))
 

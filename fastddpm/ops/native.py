@@ -44,5 +44,15 @@ def cuda_available() -> bool:
     return AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key("fastddpm::ddpm_step", "CUDA")
 
 
+WHERE = "CPU tensors, and CUDA tensors when built with its CUDA kernels (see `fastddpm info`)"
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the compiled kernels take tensors on ``device`` (meta: their fake kernels)."""
+    if device.type in ("cpu", "meta"):
+        return AVAILABLE
+    return device.type == "cuda" and cuda_available()
+
+
 _ops = CompiledOps("fastddpm")
 q_sample, ddpm_step, group_norm_act = _ops.q_sample, _ops.ddpm_step, _ops.group_norm_act

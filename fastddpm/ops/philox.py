@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from . import checks
+
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK = 0xFFFFFFFF
@@ -23,11 +25,14 @@ class PhiloxState:
     """A ``(seed, offset)`` pair held in an int64 tensor on the device the kernels run on."""
 
     def __init__(self, seed: Optional[int] = None, device="cpu", offset: int = 0):
+        """``seed`` (None: drawn from torch's global RNG) and ``offset`` are ints in ``[0, 2**63)``
+        (an int64 holds them); ``device`` a torch.device or its name. TypeError / ValueError for
+        bad arguments, as :mod:`fastddpm.ops` documents."""
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
-        self.tensor = torch.tensor([seed, offset], dtype=torch.int64, device=device)
+        seed = checks.integer("seed", seed, 0, 2**63)
+        offset = checks.integer("offset", offset, 0, 2**63)
+        self.tensor = torch.tensor([seed, offset], dtype=torch.int64, device=checks.device("device", device))
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +115,13 @@ def _noise_sincos_2pi(u: torch.Tensor):
 
 
 def philox_normal(numel: int, seed: int, offset: int, device="cpu") -> torch.Tensor:
-    """``numel`` float32 normals of stream ``(seed, offset)``: the same bits the native kernels draw."""
+    """``numel`` float32 normals of stream ``(seed, offset)``: the same bits the native kernels draw.
+
+    ``numel`` is an int >= 0; ``seed`` and ``offset`` ints in ``[0, 2**64)`` (the kernels read them
+    as uint64); TypeError / ValueError for bad arguments, as :mod:`fastddpm.ops` documents."""
+    numel = checks.integer("numel", numel)
+    seed, offset = checks.integer("seed", seed, 0, 2**64), checks.integer("offset", offset, 0, 2**64)
+    device = checks.device("device", device)
     blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     r = philox4x32_10(blocks, offset, seed)
     u = ((r >> 8).to(torch.float32) + 1.0) * 5.9604644775390625e-08  # (0, 1]

@@ -16,6 +16,14 @@ from .layout import per_sample
 from .philox import PhiloxState
 
 
+WHERE = "tensors on any device"
+
+
+def runs_on(device: torch.device) -> bool:
+    """The reference runs wherever PyTorch does."""
+    return True
+
+
 def _draw(x: torch.Tensor, rng: Optional[PhiloxState]) -> torch.Tensor:
     """Noise like ``x`` from the Philox stream of ``rng`` (then advanced): what the compiled
     kernels draw in-kernel. (:mod:`fastddpm.ops` resolves a generator into a noise tensor first.)"""
@@ -66,13 +74,23 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor, coeffs:
     return result
 
 
+def _norm_params(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]):
+    """(weight, bias) in dtypes F.group_norm takes with ``x``: as given when they are x's, or all
+    float32 with a 16-bit x (the mixed precision it supports); else cast to x's dtype (the op takes
+    any floating dtype, as the kernels do, which compute in their own precision)."""
+    dtypes = {p.dtype for p in (weight, bias) if p is not None}
+    if dtypes <= {x.dtype} or (dtypes == {torch.float32} and x.dtype in (torch.float16, torch.bfloat16)):
+        return weight, bias
+    return tuple(None if p is None else p.to(x.dtype) for p in (weight, bias))
+
+
 def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    groups: int, eps: float = 1e-6, temb: Optional[torch.Tensor] = None,
                    act: Optional[str] = "silu") -> torch.Tensor:
     """``act(GroupNorm(x + temb[:, :, None, None]) * weight + bias)``; statistics include temb."""
     if temb is not None:
         x = x + temb.reshape(temb.shape[0], temb.shape[1], *([1] * (x.dim() - 2))).to(x.dtype)
-    y = F.group_norm(x, groups, weight, bias, eps)
+    y = F.group_norm(x, groups, *_norm_params(x, weight, bias), eps)
     if act == "silu":
         y = F.silu(y)
     return y

@@ -1,48 +1,54 @@
 // Argument checks shared by the CPU and CUDA implementations: every error names the argument,
-// what was expected and what was received.
+// what was expected and what was received. They raise ValueError in Python (TORCH_CHECK_VALUE,
+// a c10::ValueError), the class fastddpm.ops's own checks raise for the same argument.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <utility>
 
 #include "fastddpm/elementwise.h"
 
 namespace fastddpm {
 
+// The dtypes the kernels are dispatched for (float8 types are floating point too, but not among them).
 inline void check_floating(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), name,
-              ": expected a floating-point tensor, got ", x.scalar_type());
+  const auto st = x.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+                    ": expected a floating-point tensor (float16, bfloat16, float32 or float64), got ", st);
 }
 
 inline void check_same_shape(const at::Tensor& y, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(y.sizes() == x.sizes(), name, ": expected shape ", x.sizes(), ", got ", y.sizes());
-  TORCH_CHECK(y.device() == x.device(), name, ": expected device ", x.device(), ", got ", y.device());
-  TORCH_CHECK(y.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
-              ", got ", y.scalar_type());
+  TORCH_CHECK_VALUE(y.sizes() == x.sizes(), name, ": expected shape ", x.sizes(), ", got ", y.sizes());
+  TORCH_CHECK_VALUE(y.device() == x.device(), name, ": expected device ", x.device(), ", got ", y.device());
+  TORCH_CHECK_VALUE(y.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
+                    ", got ", y.scalar_type());
 }
 
 // t: int64 [B] on x's device with values in [0, T); table: float32 [T, cols] on x's device.
 inline void check_timesteps(const at::Tensor& t, const at::Tensor& x, const at::Tensor& table,
                             const char* table_name, int64_t cols) {
   check_floating(x, "x");
-  TORCH_CHECK(x.dim() >= 1 && x.size(0) >= 1, "x: expected a non-empty batch [B, ...], got shape ", x.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == x.size(0),
-              "t: expected an int64 tensor of shape [", x.size(0), "], got ", t.scalar_type(), " ", t.sizes());
-  TORCH_CHECK(t.device() == x.device(), "t: expected device ", x.device(), ", got ", t.device());
-  TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() == 2 && table.size(1) == cols &&
-                  table.is_contiguous(),
-              table_name, ": expected a contiguous float32 [T, ", cols, "] table, got ",
-              table.scalar_type(), " ", table.sizes());
-  TORCH_CHECK(table.device() == x.device(), table_name, ": expected device ", x.device(), ", got ",
-              table.device());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(0) >= 1, "x: expected a non-empty batch [B, ...], got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == x.size(0),
+                    "t: expected an int64 tensor of shape [", x.size(0), "], got ", t.scalar_type(), " ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device() == x.device(), "t: expected device ", x.device(), ", got ", t.device());
+  TORCH_CHECK_VALUE(table.scalar_type() == at::kFloat && table.dim() == 2 && table.size(0) >= 1 &&
+                        table.size(1) == cols && table.is_contiguous(),
+                    table_name, ": expected a contiguous float32 [T, ", cols, "] table with T >= 1, got ",
+                    table.scalar_type(), " ", table.sizes());
+  TORCH_CHECK_VALUE(table.device() == x.device(), table_name, ": expected device ", x.device(), ", got ",
+                    table.device());
   if (t.device().is_cpu()) {
     const int64_t T = table.size(0);
     const at::Tensor t_dense = t.contiguous();  // keep it alive while reading through the pointer
     const int64_t* tp = t_dense.data_ptr<int64_t>();
     for (int64_t i = 0; i < t.numel(); ++i)
-      TORCH_CHECK(tp[i] >= 0 && tp[i] < T, "t: expected timesteps in [0, ", T, "), got ", tp[i],
-                  " at index ", i);
+      TORCH_CHECK_VALUE(tp[i] >= 0 && tp[i] < T, "t: expected timesteps in [0, ", T, "), got ", tp[i],
+                        " at index ", i);
   }
 }
 
@@ -53,12 +59,12 @@ inline void check_noise_source(const at::Tensor& x, const c10::optional<at::Tens
     check_same_shape(*noise, x, "noise");
     return;
   }
-  TORCH_CHECK(rng_state.has_value(), "rng_state: required (int64 [seed, offset]) when noise is None");
-  TORCH_CHECK(rng_state->scalar_type() == at::kLong && rng_state->numel() == 2,
-              "rng_state: expected an int64 tensor of 2 elements [seed, offset], got ",
-              rng_state->scalar_type(), " ", rng_state->sizes());
-  TORCH_CHECK(rng_state->device() == x.device(), "rng_state: expected device ", x.device(), ", got ",
-              rng_state->device());
+  TORCH_CHECK_VALUE(rng_state.has_value(), "rng_state: required (int64 [seed, offset]) when noise is None");
+  TORCH_CHECK_VALUE(rng_state->scalar_type() == at::kLong && rng_state->numel() == 2,
+                    "rng_state: expected an int64 tensor of 2 elements [seed, offset], got ",
+                    rng_state->scalar_type(), " ", rng_state->sizes());
+  TORCH_CHECK_VALUE(rng_state->device() == x.device(), "rng_state: expected device ", x.device(), ", got ",
+                    rng_state->device());
 }
 
 // (seed, offset) from a CPU rng_state, or (0, 0) when there is none.
@@ -69,7 +75,7 @@ inline std::pair<uint64_t, uint64_t> read_rng_state(const c10::optional<at::Tens
 }
 
 inline void check_clip(c10::optional<double> clip) {
-  TORCH_CHECK(!clip.has_value() || *clip > 0, "clip: expected None or a positive float, got ", *clip);
+  TORCH_CHECK_VALUE(!clip.has_value() || *clip > 0, "clip: expected None or a positive float, got ", *clip);
 }
 
 // y laid out densely like ref (contiguous or channels_last), so both can be walked in one loop.
@@ -103,31 +109,37 @@ inline StepInputs prepare_step(const at::Tensor& x_in, const at::Tensor& m_in, c
 // `out` of ddpm_step_out: x's shape and dtype, in the dense layout the kernels write.
 inline void check_step_out(const at::Tensor& out, const at::Tensor& x) {
   check_same_shape(out, x, "out");
-  TORCH_CHECK(out.strides() == dense_like(x, x).strides(),
-              "out: expected the dense layout of x (contiguous, or channels_last when x is), got strides ",
-              out.strides());
+  TORCH_CHECK_VALUE(out.strides() == dense_like(x, x).strides(),
+                    "out: expected the dense layout of x (contiguous, or channels_last when x is), got strides ",
+                    out.strides());
 }
 
 inline void check_group_norm_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                                  const c10::optional<at::Tensor>& bias, int64_t groups,
+                                  const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
                                   const c10::optional<at::Tensor>& temb) {
   check_floating(x, "x");
-  TORCH_CHECK(x.dim() >= 3, "x: expected [B, C, ...] with at least 3 dims, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 3, "x: expected [B, C, ...] with at least 3 dims, got shape ", x.sizes());
   const int64_t C = x.size(1);
-  TORCH_CHECK(groups >= 1 && C % groups == 0, "groups: expected a positive divisor of C=", C, ", got ", groups);
-  TORCH_CHECK(x.numel() == 0 || x.numel() / (x.size(0) * groups) > 1,
-              "groups: each group must hold more than one value; ", groups, " groups of x ", x.sizes(),
-              " hold ", x.numel() / (x.size(0) * groups));
+  TORCH_CHECK_VALUE(groups >= 1 && C % groups == 0, "groups: expected a positive divisor of C=", C, ", got ",
+                    groups);
+  TORCH_CHECK_VALUE(x.numel() == 0 || x.numel() / (x.size(0) * groups) > 1,
+                    "groups: each group must hold more than one value; ", groups, " groups of x ", x.sizes(),
+                    " hold ", x.numel() / (x.size(0) * groups));
+  // eps <= 0 divides a constant group by zero (NaN out); a NaN or infinite eps is no epsilon either
+  TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), "eps: expected a finite float > 0, got ", eps);
   for (const auto& [p, name] : {std::make_pair(&weight, "weight"), std::make_pair(&bias, "bias")}) {
     if (!p->has_value()) continue;
     const at::Tensor& v = **p;
-    TORCH_CHECK(v.dim() == 1 && v.size(0) == C, name, ": expected shape [", C, "], got ", v.sizes());
-    TORCH_CHECK(v.device() == x.device(), name, ": expected device ", x.device(), ", got ", v.device());
+    check_floating(v, name);
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == C, name, ": expected shape [", C, "], got ", v.sizes());
+    TORCH_CHECK_VALUE(v.device() == x.device(), name, ": expected device ", x.device(), ", got ", v.device());
   }
   if (temb.has_value()) {
-    TORCH_CHECK(temb->dim() == 2 && temb->size(0) == x.size(0) && temb->size(1) == C,
-                "temb: expected shape [", x.size(0), ", ", C, "], got ", temb->sizes());
-    TORCH_CHECK(temb->device() == x.device(), "temb: expected device ", x.device(), ", got ", temb->device());
+    check_floating(*temb, "temb");
+    TORCH_CHECK_VALUE(temb->dim() == 2 && temb->size(0) == x.size(0) && temb->size(1) == C,
+                      "temb: expected shape [", x.size(0), ", ", C, "], got ", temb->sizes());
+    TORCH_CHECK_VALUE(temb->device() == x.device(), "temb: expected device ", x.device(), ", got ",
+                      temb->device());
   }
 }
 

@@ -38,19 +38,9 @@ def runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _on_supported_device(fn):
-    def checked(x, *args, **kwargs):
-        if not runs_on(x.device):
-            raise ValueError(f"backend: 'triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), "
-                             f"got a tensor on {x.device}")
-        return fn(x, *args, **kwargs)
-
-    checked.__doc__, checked.__name__ = fn.__doc__, fn.__name__
-    return checked
-
+WHERE = "CUDA tensors, or CPU tensors under TRITON_INTERPRET=1"
 
 if AVAILABLE:
+    # fastddpm.ops.dispatch.implementation checks runs_on before any of these is called.
     _ops = CompiledOps("fastddpm_triton")
-    q_sample = _on_supported_device(_ops.q_sample)
-    ddpm_step = _on_supported_device(_ops.ddpm_step)
-    group_norm_act = _on_supported_device(_ops.group_norm_act)
+    q_sample, ddpm_step, group_norm_act = _ops.q_sample, _ops.ddpm_step, _ops.group_norm_act

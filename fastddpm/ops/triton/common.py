@@ -32,6 +32,14 @@ ELEMENTWISE_SPACE = [({"BLOCK": 1024}, 4), ({"BLOCK": 2048}, 4), ({"BLOCK": 2048
 
 
 @triton.jit
+def load_timestep(t_ptr, t_stride, sample, T, mask):
+    """``t[sample]`` (0 in masked lanes), clamped into ``[0, T)``: a trusted, unchecked t (see
+    :mod:`fastddpm.ops`) gives unspecified values, never a read outside the table."""
+    step = tl.load(t_ptr + sample * t_stride, mask=mask, other=0)
+    return tl.minimum(tl.maximum(step, 0), T - 1)
+
+
+@triton.jit
 def _uniform_open0(u):
     """uint32 -> float in (0, 1] (never 0, so the log is finite)."""
     return ((u >> 8).to(tl.float32) + 1.0) * 5.9604644775390625e-08

@@ -14,18 +14,18 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..layout import dense_empty_like
-from .common import ELEMENTWISE_SPACE, configs, dense_like, normal_tile
+from .common import ELEMENTWISE_SPACE, configs, dense_like, load_timestep, normal_tile
 
 
 # restore_value: `out` may be `x` itself (an in-place step), so tuning runs must not compound.
 @triton.autotune(configs=configs(ELEMENTWISE_SPACE), key=["numel", "DRAW"], restore_value=["out_ptr"])
 @triton.jit
-def _ddpm_step_kernel(x_ptr, m_ptr, t_ptr, t_stride, coeffs_ptr, noise_ptr, state_ptr, out_ptr, clip,
+def _ddpm_step_kernel(x_ptr, m_ptr, t_ptr, t_stride, T, coeffs_ptr, noise_ptr, state_ptr, out_ptr, clip,
                       numel, per_sample, DRAW: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    row = coeffs_ptr + tl.load(t_ptr + (offs // per_sample) * t_stride, mask=mask, other=0) * 6
+    row = coeffs_ptr + load_timestep(t_ptr, t_stride, offs // per_sample, T, mask) * 6
     p = tl.load(row, mask=mask, other=0.0)
     q = tl.load(row + 1, mask=mask, other=0.0)
     m1 = tl.load(row + 2, mask=mask, other=0.0)
@@ -51,7 +51,7 @@ def _launch(x, model_out, t, coeffs, noise, rng_state, clip, out):
     numel = x.numel()
     if numel:
         wrap_triton(_ddpm_step_kernel)[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
-            x, model_out, t, t.stride(0), coeffs, noise, rng_state if draw else t, out,
+            x, model_out, t, t.stride(0), coeffs.shape[0], coeffs, noise, rng_state if draw else t, out,
             0.0 if clip is None else float(clip), numel, numel // x.shape[0], DRAW=draw, CLIP=clip is not None)
 
 

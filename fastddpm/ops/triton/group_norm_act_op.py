@@ -45,6 +45,15 @@ def _load_group(x_ptr, temb_ptr, off, c, n, C, mask, HAS_T: tl.constexpr, ACC: t
 
 
 @triton.jit
+def _inv_sqrt(v, ACC: tl.constexpr):
+    """1 / sqrt(v) with a correctly rounded sqrt in ACC: sqrt_rn takes fp32 only, and the fp64 sqrt
+    (float64 inputs keep float64 statistics) is correctly rounded already."""
+    if ACC == tl.float64:
+        return 1.0 / tl.sqrt(v)
+    return 1.0 / tl.sqrt_rn(v)
+
+
+@triton.jit
 def _normalize_store(y_ptr, w_ptr, b_ptr, h, mean, rstd, off, c, mask,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr):
     y = (h - mean) * rstd
@@ -73,7 +82,7 @@ def _gn_onepass_kernel(x_ptr, w_ptr, b_ptr, temb_ptr, y_ptr, mean_ptr, rstd_ptr,
     h = _load_group(x_ptr, temb_ptr, off, c, n, C, mask, HAS_T, ACC)
     mean = tl.sum(h, axis=0) / size
     d = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt_rn((tl.sum(d * d, axis=0) / size + eps).to(ACC))  # eps may arrive as fp64
+    rstd = _inv_sqrt((tl.sum(d * d, axis=0) / size + eps).to(ACC), ACC)  # eps may arrive as fp64
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
     _normalize_store(y_ptr, w_ptr, b_ptr, h, mean, rstd, off, c, mask, HAS_W, HAS_B, SILU)
@@ -134,7 +143,7 @@ def _gn_split_apply_kernel(x_ptr, w_ptr, b_ptr, temb_ptr, part_ptr, y_ptr, mean_
     counts = tl.load(parts + 2, mask=pmask, other=0.0)
     mean = tl.sum(counts * means, axis=0) / size
     d = tl.where(pmask, means - mean, 0.0)
-    rstd = 1.0 / tl.sqrt_rn((tl.sum(m2s + counts * d * d, axis=0) / size + eps).to(ACC))
+    rstd = _inv_sqrt((tl.sum(m2s + counts * d * d, axis=0) / size + eps).to(ACC), ACC)
     if part == 0:
         tl.store(mean_ptr + row, mean)
         tl.store(rstd_ptr + row, rstd)
@@ -161,7 +170,7 @@ def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     y = dense_empty_like(x)
     x = dense_like(x, y)
     N, C = x.shape[:2]
-    S = x.numel() // (N * C)
+    S = x.shape[2:].numel()
     size = C // groups * S
     mean = x.new_empty((N, groups), dtype=stat_dtype(x))
     rstd = torch.empty_like(mean)
@@ -169,6 +178,8 @@ def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     flags = dict(CL=cl, HAS_W=weight is not None, HAS_B=bias is not None, HAS_T=temb is not None, SILU=silu)
     w, b, tb = (v.contiguous() if v is not None else x for v in (weight, bias, temb))  # x: an unread stand-in
     rows = N * groups
+    if rows == 0:  # an empty batch: no group to normalize, nothing to launch
+        return y, mean, rstd
     if triton.next_power_of_2(size) <= ONEPASS_MAX:
         wrap_triton(_gn_onepass_kernel)[(rows,)](x, w, b, tb, y, mean, rstd, C, S, groups, float(eps),
                                                  BLOCK=triton.next_power_of_2(size), **flags)

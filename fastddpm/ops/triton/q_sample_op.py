@@ -10,17 +10,17 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..layout import dense_empty_like
-from .common import ELEMENTWISE_SPACE, configs, dense_like, normal_tile
+from .common import ELEMENTWISE_SPACE, configs, dense_like, load_timestep, normal_tile
 
 
 @triton.autotune(configs=configs(ELEMENTWISE_SPACE), key=["numel", "DRAW"])
 @triton.jit
-def _q_sample_kernel(x0_ptr, t_ptr, t_stride, table_ptr, noise_ptr, state_ptr, xt_ptr, drawn_ptr,
+def _q_sample_kernel(x0_ptr, t_ptr, t_stride, T, table_ptr, noise_ptr, state_ptr, xt_ptr, drawn_ptr,
                      numel, per_sample, DRAW: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    step = tl.load(t_ptr + (offs // per_sample) * t_stride, mask=mask, other=0)
+    step = load_timestep(t_ptr, t_stride, offs // per_sample, T, mask)
     a = tl.load(table_ptr + step * 2, mask=mask, other=0.0)
     b = tl.load(table_ptr + step * 2 + 1, mask=mask, other=0.0)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -45,6 +45,6 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise: Opti
     numel = x0.numel()
     if numel:
         wrap_triton(_q_sample_kernel)[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
-            x0, t, t.stride(0), table, noise, state, xt, drawn if draw else xt, numel, numel // x0.shape[0],
-            DRAW=draw)
+            x0, t, t.stride(0), table.shape[0], table, noise, state, xt, drawn if draw else xt, numel,
+            numel // x0.shape[0], DRAW=draw)
     return xt, drawn
