@@ -9,7 +9,10 @@ import os
 import platform
 import sys
 import time
+import warnings
 from typing import List, Optional
+
+from .cli_args import Parser, image_file, non_negative_int, npy_file, positive_int, run_command, run_folder
 
 
 def _threads(n: Optional[int]):
@@ -42,15 +45,17 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from .images import save_grid
-    from .sampling import SpeedOptions, sample
+    from .sampling import NonFiniteWarning, SpeedOptions, sample
 
     _threads(args.threads)
     start = time.monotonic()
     options = SpeedOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SpeedOptions)})
-    x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
-               clip=not args.no_clip, eta=args.eta, seed=args.seed, device=args.device,
-               batch_size=args.batch_size, progress=not args.quiet, noise_source=args.noise_source,
-               options=options, reuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteWarning)  # NaN images are an error here, not a PNG of gray
+        x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
+                   clip=not args.no_clip, eta=args.eta, seed=args.seed, device=args.device,
+                   batch_size=args.batch_size, progress=not args.quiet, noise_source=args.noise_source,
+                   options=options, reuse=False)
     save_grid(x, args.out, scale=args.scale)
     if args.npy:
         np.save(args.npy, x.cpu().numpy())
@@ -146,7 +151,7 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, nargs="?", const=True, default=False, metavar="MODE",
                                help=text.replace("True or a mode", "alone, or with a mode"))
         elif field.name == "graph_steps":
-            group.add_argument(flag, type=int, default=default, help=text)
+            group.add_argument(flag, type=positive_int, default=default, help=text)
         else:  # the booleans (winograd: None = where it applies)
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                help=f"{text} (default: {'where it applies' if default is None else default})")
@@ -154,20 +159,21 @@ def _add_speed_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fastddpm`` command."""
-    p = argparse.ArgumentParser(prog="fastddpm", description="Denoising diffusion probabilistic models.")
+    p = Parser(prog="fastddpm", description="Denoising diffusion probabilistic models.")
+    p.add_argument("--debug", action="store_true", help="show a traceback for every error")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a DDPM (Algorithm 1)")
     t.add_argument("--data", default="digits", help="digits | mnist | image folder | .npy/.npz file")
-    t.add_argument("--out", required=True, help="run directory (checkpoint, samples, log)")
+    t.add_argument("--out", required=True, type=run_folder, help="run directory (checkpoint, samples, log)")
     t.add_argument("--preset", default=None, help="U-Net preset (default: the data's name, or cifar10)")
-    t.add_argument("--steps", type=int, default=10000, help="total optimisation steps")
+    t.add_argument("--steps", type=positive_int, default=10000, help="total optimisation steps")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this much wall time")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    for flag, typ, default in (("--batch-size", int, 128), ("--lr", float, 2e-4), ("--warmup", int, 5000),
-                               ("--grad-clip", float, 1.0), ("--ema-decay", float, 0.9999),
-                               ("--seed", int, 0), ("--sample-every", int, 0),
-                               ("--checkpoint-every", int, 1000)):
+    for flag, typ, default in (("--batch-size", positive_int, 128), ("--lr", float, 2e-4),
+                               ("--warmup", non_negative_int, 5000), ("--grad-clip", float, 1.0),
+                               ("--ema-decay", float, 0.9999), ("--seed", non_negative_int, 0),
+                               ("--sample-every", non_negative_int, 0), ("--checkpoint-every", non_negative_int, 1000)):
         t.add_argument(flag, type=typ, default=default, action=_Explicit)
     t.add_argument("--amp", choices=["bf16", "fp16"], default=None, action=_Explicit)
     t.add_argument("--flip", action="store_true", help="random horizontal flips")
@@ -175,17 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images into a PNG grid (Algorithm 2)")
     s.add_argument("--model", default="mnist", help="checkpoint directory or bundled model name")
-    s.add_argument("--n", type=int, default=16)
-    s.add_argument("--out", default="samples.png")
-    s.add_argument("--npy", default=None, help="also save the raw samples as .npy")
-    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
+    s.add_argument("--n", type=positive_int, default=16)
+    s.add_argument("--out", type=image_file, default="samples.png", help="the image grid (.png)")
+    s.add_argument("--npy", type=npy_file, default=None,
+                   help="also save the raw samples as .npy")
+    s.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: all T)")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale")
     s.add_argument("--variance", choices=["fixed_large", "fixed_small"], default="fixed_large")
     s.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 to [-1, 1]")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--scale", type=int, default=2, help="pixel upscaling of the PNG")
+    s.add_argument("--seed", type=non_negative_int, default=0)
+    s.add_argument("--batch-size", type=positive_int, default=None)
+    s.add_argument("--scale", type=positive_int, default=2, help="pixel upscaling of the PNG")
     s.add_argument("--noise-source", "--noise", choices=["generator", "philox"], default="generator",
                    help="torch.randn draws (the reference sampler's) or in-kernel Philox")
     _add_speed_options(s)
@@ -193,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sp in (t, s):
         sp.add_argument("--device", default="cpu")
-        sp.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+        sp.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     from .cli_edit import add_parser as add_edit_parser
@@ -207,14 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resolution, as the bundled model was trained). These are the bundled model's "
                                    "training images.")
     b.add_argument("--model", default="mnist", help="checkpoint directory or bundled model name (1-channel, >= 28x28)")
-    b.add_argument("--n", type=int, default=256, help="images: n evenly spaced of the 5,000 bundled MNIST digits")
-    b.add_argument("--batch-t", type=int, default=None,
+    b.add_argument("--n", type=positive_int, default=256, help="images: n evenly spaced of the 5,000 bundled MNIST digits")
+    b.add_argument("--batch-t", type=positive_int, default=None,
                    help="(image, timestep) pairs per forward pass (default: 256 on the CPU, 2048 on CUDA)")
     b.add_argument("--variance", choices=["fixed_large", "fixed_small"], default="fixed_large",
                    help="the model's fixed variance (fixed_large: the paper's CIFAR-10 choice)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the x_t draws")
+    b.add_argument("--seed", type=non_negative_int, default=0, help="seed of the x_t draws")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    b.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_speed_options(b)
     b.set_defaults(func=cmd_bpd)
@@ -233,12 +240,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own parser, options and all (argparse would take --help here)
         return _bench(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, TypeError) as e:
-        print(f"fastddpm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

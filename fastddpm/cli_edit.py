@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from .cli_args import image_file, non_negative_int, positive_int
+
 KINDS = ("reconstruct", "interpolate", "denoise", "inpaint", "progressive", "shared")
 REGIONS = ("left", "right", "top", "bottom", "center")
 
@@ -32,7 +34,7 @@ def add_parser(sub) -> None:
     e.add_argument("--input", nargs="+", default=["mnist:0-7"],
                    help="PNG files, or bundled items such as mnist:0-7 (default) or mnist:0,5,9")
     e.add_argument("--input-b", nargs="+", default=None, help="interpolate: the second image of each pair")
-    e.add_argument("--out", default="edit.png")
+    e.add_argument("--out", type=image_file, default="edit.png", help="the image grid (.png)")
     e.add_argument("--t", type=_ints, default=None,
                    help="reconstruct: t values, one row each (default 100,250,500,750); interpolate: one t "
                         "(default 500); shared: latents' t (default 250,500,750,1000)")
@@ -43,18 +45,18 @@ def add_parser(sub) -> None:
     e.add_argument("--mask", default=None, help="inpaint: a PNG, white where pixels are known")
     e.add_argument("--region", choices=REGIONS, default="right",
                    help="inpaint without --mask: the half (or the center square) to fill")
-    e.add_argument("--resample", type=int, default=1, help="inpaint: RePaint resampling count")
-    e.add_argument("--jump", type=int, default=10, help="inpaint: RePaint jump length (steps)")
-    e.add_argument("--n", type=int, default=4, help="progressive: images")
-    e.add_argument("--every", type=int, default=None, help="progressive: steps between frames")
-    e.add_argument("--samples", type=int, default=4, help="shared: completions per latent")
-    e.add_argument("--steps", type=int, default=None, help="reverse steps (respaced; default: all)")
+    e.add_argument("--resample", type=positive_int, default=1, help="inpaint: RePaint resampling count")
+    e.add_argument("--jump", type=positive_int, default=10, help="inpaint: RePaint jump length (steps)")
+    e.add_argument("--n", type=positive_int, default=4, help="progressive: images")
+    e.add_argument("--every", type=positive_int, default=None, help="progressive: steps between frames")
+    e.add_argument("--samples", type=positive_int, default=4, help="shared: completions per latent")
+    e.add_argument("--steps", type=positive_int, default=None, help="reverse steps (respaced; default: all)")
     e.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     e.add_argument("--eta", type=float, default=0.0)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--scale", type=int, default=2, help="pixel upscaling of the PNG")
+    e.add_argument("--seed", type=non_negative_int, default=0)
+    e.add_argument("--scale", type=positive_int, default=2, help="pixel upscaling of the PNG")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    e.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_edit)
 

@@ -34,6 +34,13 @@ def save_grid(x: torch.Tensor, path: str, nrow: Optional[int] = None, scale: int
     """Save samples in [-1, 1] as one PNG grid (each pixel repeated ``scale`` times); returns path."""
     from PIL import Image
 
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"scale: expected a positive int (pixel repeats), got {scale!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+    Image.init()
+    if os.path.splitext(os.fspath(path))[1].lower() not in Image.registered_extensions():
+        raise ValueError(f"path: expected an image file name such as 'samples.png', got {os.fspath(path)!r}")
     grid = make_grid(x, nrow)
     if scale > 1:
         grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)

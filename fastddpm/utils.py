@@ -21,7 +21,7 @@ def resolve_device(device) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device: {device!r} requested but only "
                              f"{torch.cuda.device_count()} CUDA device(s) exist")
-    elif dev.type not in ("cpu", "mps", "xpu", "meta"):
+    elif dev.type not in ("cpu", "mps", "xpu"):  # not "meta": it holds no values to compute with
         raise ValueError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
     return _named(dev)
 

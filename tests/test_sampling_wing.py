@@ -134,7 +134,7 @@ def test_speed_options_are_one_validated_object():
     assert options.dtype == torch.bfloat16 and hash(options) == hash(SpeedOptions(dtype=torch.bfloat16,
                                                                                    compile="max-autotune"))
     assert SpeedOptions.from_arguments(options, freeze=True).freeze
-    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['compiled'\]"):
+    with pytest.raises(TypeError, match=r"^compiled: unexpected keyword argument\(s\)"):
         SpeedOptions.from_arguments(compiled=True)
     with pytest.raises(TypeError, match="channels_last: expected a bool"):
         SpeedOptions(channels_last="yes")

@@ -15,8 +15,8 @@ from .method import SamplingMethod, clip_value
 from .noise import NOISE_SOURCES, NoiseSource, SharedNoise
 from .options import SpeedOptions, resolve_dtype
 from .prepare import PreparedModel, prepare_model
-from .sampler import Sampler
+from .sampler import NonFiniteWarning, Sampler
 
-__all__ = ["NOISE_SOURCES", "NoiseSource", "PreparedModel", "Sampler", "SamplingMethod", "SharedNoise", "SpeedOptions", "clear_cache",
+__all__ = ["NOISE_SOURCES", "NoiseSource", "NonFiniteWarning", "PreparedModel", "Sampler", "SamplingMethod", "SharedNoise", "SpeedOptions", "clear_cache",
            "clip_value", "eval_mode", "image_shape", "in_batches", "positive_int", "prepare_model", "prepared_sampler", "resolve_ddpm",
            "resolve_dtype", "sample"]

@@ -40,9 +40,16 @@ def resolve_ddpm(model_or_path, device: torch.device, reuse: bool = True) -> DDP
 
 def image_shape(ddpm: DDPM, shape: Optional[Sequence[int]] = None) -> tuple:
     """``(C, H, W)`` of the model's images: its UNet config's, or the given ``shape``."""
-    result = tuple(shape) if shape is not None else ddpm.image_shape
-    if result is None or len(result) != 3:
-        raise ValueError(f"shape: expected (C, H, W) for a model that is not a fastddpm UNet, got {shape!r}")
+    if shape is None:
+        result = ddpm.image_shape
+    elif isinstance(shape, (tuple, list, torch.Size)) and all(isinstance(s, int) and not isinstance(s, bool)
+                                                              for s in shape):
+        result = tuple(shape)
+    else:
+        raise TypeError(f"shape: expected a tuple of 3 ints (C, H, W), got {shape!r}")
+    if result is None or len(result) != 3 or min(result) < 1:
+        raise ValueError(f"shape: expected (C, H, W) of positive sizes for a model that is not a fastddpm UNet, "
+                         f"got {shape!r}")
     return result
 
 

@@ -50,6 +50,9 @@ class SamplingMethod:
         object.__setattr__(self, "clip", clip_value(self.clip))
         if (not isinstance(self.eta, (int, float)) or isinstance(self.eta, bool) or not 0 <= self.eta <= 1):
             raise ValueError(f"eta: expected a number in [0, 1], got {self.eta!r}")
+        if self.sampler == "ddpm" and self.eta != 0:
+            raise ValueError(f"eta: DDIM's noise scale; sampler='ddpm' takes none (its noise is fixed by variance=), "
+                             f"got eta={self.eta!r}; use sampler='ddim' with eta")
         if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
                                        or self.steps < 1):
             raise ValueError(f"steps: expected a positive int or None, got {self.steps!r}")

@@ -103,5 +103,6 @@ class SpeedOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"unexpected keyword argument(s) {unknown}: the speed options are {sorted(names)}")
+            raise TypeError(f"{', '.join(unknown)}: unexpected keyword argument(s); the speed options are "
+                            f"{sorted(names)}")
         return dataclasses.replace(options or cls(), **overrides) if overrides else (options or cls())

@@ -12,6 +12,7 @@ edits) and take a per-step hook that edits x on the device (inpainting).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +26,25 @@ from .options import SpeedOptions
 from .prepare import prepare_model
 
 StepHook = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+class NonFiniteWarning(RuntimeWarning):
+    """A reverse process ended with NaN or infinite values (the ``fastddpm`` command treats it as an error)."""
+
+
+def report_nonfinite(x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Warn once (a :class:`NonFiniteWarning`) when the images ``x`` hold NaN or inf, naming the
+    likely cause; one reduction and one host read, at the end of a run, never per step."""
+    bad = (~torch.isfinite(x)).flatten(1).any(1)
+    count = int(bad.sum())
+    if not count:
+        return
+    cause = ("the model's output overflowed in " + str(dtype).replace("torch.", "") + "; try dtype='float32'"
+             if dtype in (torch.float16, torch.bfloat16) else
+             "the model returned NaN or inf (weights that are NaN, diverged training, or a model that is not "
+             "an eps/x0/v predictor)")
+    warnings.warn(f"samples: {count} of {x.shape[0]} images contain NaN or infinite values; likely cause: {cause}",
+                  NonFiniteWarning, stacklevel=3)
 
 
 class Sampler:
@@ -147,7 +167,10 @@ class Sampler:
             self._run_graphs(noise.state, start, stop, step_hook, progress)
         else:
             self._run_eager(noise, start, stop, step_hook, callback, progress)
-        return self.x.clone()
+        result = self.x.clone()
+        if stop == 0:
+            report_nonfinite(result, self.options.dtype)
+        return result
 
     def _run_eager(self, noise: NoiseSource, start: int, stop: int, step_hook, callback, progress: bool):
         from tqdm.auto import tqdm
