@@ -14,14 +14,15 @@ from .images import make_grid, save_grid
 from .likelihood import BitsPerDim, bits_per_dim
 from .models.unet import PRESETS, UNet, UNetConfig
 from .pipeline import DDPM, bundled_models, load, save
-from .sampling import NoiseSource, Sampler, SpeedOptions, sample
+from .sampling import NoiseSource, NonFiniteWarning, Sampler, SpeedOptions, sample
 from .schedule import Schedule, ScheduleConfig
 from .train import NonFiniteError, TrainConfig, Trainer, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "DDPM", "NoiseSource", "PRESETS", "Sampler", "Schedule", "ScheduleConfig", "SpeedOptions",
+    "CheckpointError", "DDPM", "NoiseSource", "NonFiniteWarning", "PRESETS", "Sampler", "Schedule", "ScheduleConfig",
+    "SpeedOptions",
     "TrainConfig", "Trainer", "UNet", "UNetConfig", "bundled_models", "load", "make_grid", "q_posterior", "q_sample",
     "reference_ddim_sample", "reference_sample", "sample", "save", "save_grid", "train", "training_loss",
     "denoise", "from_shared_latent", "inpaint", "interpolate", "progressive", "reconstruct",

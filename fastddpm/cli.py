@@ -29,7 +29,8 @@ def cmd_train(args) -> int:
     _threads(args.threads)
     kwargs = dict(batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                   ema_decay=args.ema_decay, amp=args.amp, flip=args.flip, seed=args.seed,
-                  sample_every=args.sample_every, checkpoint_every=args.checkpoint_every)
+                  sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
+                  on_nonfinite=args.on_nonfinite)
     if args.resume:  # keep the run's own settings unless given again explicitly
         kwargs = {k: v for k, v in kwargs.items() if k in args.explicit}
     start = time.monotonic()
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                                ("--sample-every", non_negative_int, 0), ("--checkpoint-every", non_negative_int, 1000)):
         t.add_argument(flag, type=typ, default=default, action=_Explicit)
     t.add_argument("--amp", choices=["bf16", "fp16"], default=None, action=_Explicit)
+    t.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop", action=_Explicit,
+                   help="a NaN/inf loss or gradient: stop with an error, keeping the last good checkpoint "
+                        "(default), or skip that step's update")
     t.add_argument("--flip", action="store_true", help="random horizontal flips")
     t.set_defaults(func=cmd_train, explicit=set())
 

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
-from ..ops import PhiloxState
+from ..ops import PhiloxState, checks
 from ..schedule import Schedule
 from ..utils import resolve_device
 from .noise import NoiseSource, PhiloxNoise
@@ -73,8 +73,8 @@ class Sampler:
         if not torch.is_tensor(coeffs) or tuple(coeffs.shape) != (schedule.T, 6) or coeffs.device != self.device:
             raise ValueError(f"coeffs: expected a [{schedule.T}, 6] table on {self.device}, got "
                              f"{tuple(getattr(coeffs, 'shape', ()))} on {getattr(coeffs, 'device', None)}")
-        if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0):
-            raise ValueError(f"clip: expected None or a positive float, got {clip!r}")
+        if clip is not None:
+            clip = checks.positive_float("clip", clip, finite=False)
         self.schedule, self.coeffs, self.clip = schedule, coeffs, clip
         self.model = prepare_model(model, self.device, self.options)
         self.steps = schedule.T
