@@ -13,9 +13,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .checkpoint import CheckpointError, model_spec, read_checkpoint, recover_checkpoint, write_checkpoint
 from .models.unet import UNet, UNetConfig
-from .schedule import PREDICTIONS, Schedule, ScheduleConfig
+from .schedule import PREDICTIONS, Schedule
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
@@ -71,14 +71,10 @@ def save(ddpm: Union[DDPM, UNet], path: str, *, schedule: Optional[Schedule] = N
 
 def build_ddpm(config: dict, state: dict, path: str) -> DDPM:
     """A :class:`DDPM` from a checkpoint's config and a weights state dict (``path`` names the
-    checkpoint in errors); a :class:`CheckpointError` when they do not match."""
-    try:
-        model_cfg = UNetConfig.from_dict(config["model"])
-        sched_cfg = ScheduleConfig.from_dict(config["schedule"])
-        prediction = config.get("prediction", "eps")
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint: {path!r} has an invalid config ({e})") from None
-    model = UNet(model_cfg)
+    checkpoint in errors); a :class:`CheckpointError` when they do not match. The config is checked
+    against its bounds (:func:`~fastddpm.checkpoint.model_spec`) before the U-Net is built."""
+    spec = model_spec(config, path)
+    model = UNet(spec.model)
     ref = model.state_dict()
     state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
     missing, unexpected = set(ref) - set(state), set(state) - set(ref)
@@ -90,22 +86,26 @@ def build_ddpm(config: dict, state: dict, path: str) -> DDPM:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint: {path!r} weights do not match its model config ({e})") from None
     model.eval()
-    return DDPM(model, Schedule.from_config(sched_cfg), prediction, int(config.get("step", 0)))
+    return DDPM(model, Schedule.from_config(spec.schedule), spec.prediction, spec.step)
 
 
 def locate_checkpoint(path) -> str:
     """The checkpoint folder ``path`` names: a checkpoint directory, a training run directory (its
-    ``checkpoint``), or a bundled model by name (e.g. ``"mnist"``)."""
+    ``checkpoint``), or a bundled model by name (e.g. ``"mnist"``). A checkpoint missing because
+    its save was killed mid-swap is first recovered from beside it (:func:`recover_checkpoint`)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path: expected a checkpoint path or bundled model name, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.exists(path) and path in bundled_models():
         path = os.path.join(WEIGHTS_DIR, path)
+    if not os.path.exists(path):
+        recover_checkpoint(path)
     if not os.path.exists(path) and os.sep not in path and not path.startswith("."):
         raise CheckpointError(f"checkpoint: {path!r} is neither an existing path nor a bundled "
                               f"model (bundled: {list(bundled_models())})")
     run_checkpoint = os.path.join(path, "checkpoint")
-    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(run_checkpoint):
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")) \
+            and (os.path.isdir(run_checkpoint) or recover_checkpoint(run_checkpoint)):
         path = run_checkpoint  # a training run directory: use its latest checkpoint
     return path
 
@@ -116,10 +116,9 @@ def load(path: str, *, ema: bool = True, device="cpu") -> DDPM:
 
     With ``ema=True`` the EMA weights are used when the checkpoint has them.
     """
-    path = locate_checkpoint(path)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(locate_checkpoint(path))
     state = ckpt.ema if (ema and ckpt.ema is not None) else ckpt.model
-    ddpm = build_ddpm(ckpt.config, state, path)
+    ddpm = build_ddpm(ckpt.config, state, ckpt.path)
     ddpm.model.to(device)
     return ddpm
 

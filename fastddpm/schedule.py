@@ -35,6 +35,8 @@ KINDS = ("linear", "cosine", "quadratic")
 VARIANCES = ("fixed_small", "fixed_large")
 PREDICTIONS = ("eps", "x0", "v")
 DDIM_DIRECTIONS = ("rederived", "model")
+# The longest schedule a config may describe (the literature uses at most a few thousand steps).
+MAX_T = 100_000
 
 # Column order of the step-coefficient table seen by the ddpm_step op.
 STEP_COLUMNS = ("p", "q", "m1", "m2", "m3", "s")
@@ -58,11 +60,21 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
-        """Build from :meth:`to_dict` output, rejecting unknown keys."""
+        """Build from :meth:`to_dict` output (e.g. a checkpoint's), rejecting unknown keys, a ``T``
+        above :data:`MAX_T` (every table has ``T`` entries) and non-numeric betas."""
+        if not isinstance(d, dict):
+            raise TypeError(f"schedule config: expected a dict, got {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"schedule config: unknown keys {sorted(unknown)}")
-        return cls(**d)
+        config = cls(**d)
+        if not isinstance(config.T, int) or isinstance(config.T, bool) or not 1 <= config.T <= MAX_T:
+            raise ValueError(f"T: expected an int in [1, {MAX_T}], got {config.T!r}")
+        for name in ("beta_start", "beta_end", "cosine_s"):
+            value = getattr(config, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite float, got {value!r}")
+        return config
 
 
 def make_betas(config: ScheduleConfig) -> torch.Tensor:

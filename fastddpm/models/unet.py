@@ -21,6 +21,39 @@ import torch.nn.functional as F
 from .. import ops
 
 
+# Upper bounds of the architecture fields. They are far above any DDPM (the paper's largest model
+# has ch=128, 6 levels, 114M parameters) and keep a config read from an untrusted checkpoint from
+# making the constructor allocate gigabytes or run for minutes before anything is checked.
+FIELD_LIMITS = {"resolution": 2048, "in_channels": 64, "out_channels": 64, "ch": 1024,
+                "num_res_blocks": 64, "groups": 1024}
+MAX_LEVELS = 8
+MAX_CH_MULT = 16
+MAX_PARAMETERS = 2_000_000_000
+
+
+def _check_int(name: str, value, limit: int):
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise ValueError(f"{name}: expected a positive int of at most {limit}, got {value!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Parameter counts of the U-Net's layers, for UNetConfig.num_parameters.
+def _conv(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k + cout
+
+
+def _resblock(cin: int, cout: int, temb: int) -> int:
+    shortcut = _conv(cin, cout, 1) if cin != cout else 0
+    return 2 * cin + _conv(cin, cout, 3) + (temb * cout + cout) + 2 * cout + _conv(cout, cout, 3) + shortcut
+
+
+def _attn(c: int) -> int:
+    return 2 * c + _conv(c, 3 * c, 1) + _conv(c, c, 1)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Architecture hyper-parameters; what a checkpoint stores to rebuild the model."""
@@ -37,14 +70,19 @@ class UNetConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
-        for name in ("resolution", "in_channels", "out_channels", "ch", "num_res_blocks", "groups"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
-            raise ValueError(f"ch_mult: expected positive ints, got {self.ch_mult!r}")
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"{name}: expected a sequence of positive ints, got {type(value).__name__}")
+            object.__setattr__(self, name, tuple(value))
+        for name, limit in FIELD_LIMITS.items():
+            _check_int(name, getattr(self, name), limit)
+        if not 1 <= len(self.ch_mult) <= MAX_LEVELS:
+            raise ValueError(f"ch_mult: expected 1 to {MAX_LEVELS} levels, got {len(self.ch_mult)}")
+        for m in self.ch_mult:
+            _check_int("ch_mult", m, MAX_CH_MULT)
+        for r in self.attn_resolutions:
+            _check_int("attn_resolutions", r, FIELD_LIMITS["resolution"])
         if self.resolution % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"resolution: {self.resolution} is not divisible by "
                              f"2**{len(self.ch_mult) - 1} (one halving per extra ch_mult level)")
@@ -52,8 +90,47 @@ class UNetConfig:
             if (self.ch * m) % self.groups:
                 raise ValueError(f"groups: {self.groups} does not divide the channel count "
                                  f"{self.ch * m} (ch={self.ch} x mult {m})")
-        if not 0.0 <= self.dropout < 1.0:
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: expected a float in [0, 1), got {self.dropout!r}")
+        if not _is_real(self.norm_eps) or not 0.0 < self.norm_eps < 1.0:
+            raise ValueError(f"norm_eps: expected a float in (0, 1), got {self.norm_eps!r}")
+        # Every field may be within its bound while their product is not (ch=1024, mult 16, 8
+        # levels): bound the size itself, computed here so that nothing is allocated to learn it.
+        n = self.num_parameters()
+        if n > MAX_PARAMETERS:
+            raise ValueError(f"ch / ch_mult / num_res_blocks: ch={self.ch}, ch_mult={self.ch_mult}, "
+                             f"num_res_blocks={self.num_res_blocks} give {n:,} parameters, more than "
+                             f"the {MAX_PARAMETERS:,} a UNetConfig may have")
+
+    def num_parameters(self) -> int:
+        """The parameter count of ``UNet(self)``, computed from the sizes without building it.
+
+        It walks the same stages as :class:`UNet`'s constructor (the tests check that the two agree
+        for every preset), so that an absurd config is refused before anything is allocated.
+        """
+        ch, temb = self.ch, 4 * self.ch
+        total = (ch * temb + temb) + (temb * temb + temb) + _conv(self.in_channels, ch, 3)
+        skips, cur, res = [ch], ch, self.resolution
+        for level, mult in enumerate(self.ch_mult):
+            for _ in range(self.num_res_blocks):
+                total += _resblock(cur, ch * mult, temb)
+                total += _attn(ch * mult) if res in self.attn_resolutions else 0
+                cur = ch * mult
+                skips.append(cur)
+            if level != len(self.ch_mult) - 1:
+                total += _conv(cur, cur, 3)
+                skips.append(cur)
+                res //= 2
+        total += 2 * _resblock(cur, cur, temb) + _attn(cur)
+        for level, mult in reversed(list(enumerate(self.ch_mult))):
+            for _ in range(self.num_res_blocks + 1):
+                total += _resblock(cur + skips.pop(), ch * mult, temb)
+                total += _attn(ch * mult) if res in self.attn_resolutions else 0
+                cur = ch * mult
+            if level != 0:
+                total += _conv(cur, cur, 3)
+                res *= 2
+        return total + 2 * cur + _conv(cur, self.out_channels, 3)
 
     def to_dict(self) -> dict:
         """Return a JSON-serializable dict."""
@@ -63,7 +140,10 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        """Build from :meth:`to_dict` output, rejecting unknown keys."""
+        """Build from :meth:`to_dict` output, rejecting unknown keys (and, through the constructor,
+        sizes beyond :data:`FIELD_LIMITS` and :data:`MAX_PARAMETERS`)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"model config: expected a dict, got {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"model config: unknown keys {sorted(unknown)}")
