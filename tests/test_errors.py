@@ -204,3 +204,13 @@ def test_save_grid_checks_scale_and_file_name(tmp_path):
     with pytest.raises(ValueError, match="^path"):
         fastddpm.save_grid(x, str(tmp_path))
     assert os.path.exists(fastddpm.save_grid(x, str(tmp_path / "g.png")))
+
+
+def test_sample_from_a_checkpoint_whose_config_is_a_symlink_loop(tmp_path):
+    """The sampler's model cache reads file stats first: a loop there must still end in
+    CheckpointError from load, not an OSError from the cache."""
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    os.symlink(folder / "config.json", folder / "config.json")
+    with pytest.raises(fastddpm.CheckpointError, match="config.json"):
+        fastddpm.sample(str(folder), 2, steps=2, progress=False)

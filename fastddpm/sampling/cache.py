@@ -89,12 +89,17 @@ class ModelCache:
         self._entries: "OrderedDict[Hashable, object]" = OrderedDict()
 
     @staticmethod
-    def _signature(path: str) -> Tuple:
+    def _signature(path: str) -> Optional[Tuple]:
+        """(name, size, mtime) of every file under ``path``; None when one cannot be read (a broken
+        link, a symlink loop): then the model is not cached, and loading reports what is wrong."""
         files = []
-        for root, _, names in os.walk(path):
-            for name in sorted(names):
-                st = os.stat(os.path.join(root, name))
-                files.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+        try:
+            for root, _, names in os.walk(path):
+                for name in sorted(names):
+                    st = os.stat(os.path.join(root, name))
+                    files.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+        except OSError:
+            return None
         return tuple(files)
 
     def get(self, path: str, device: torch.device, load: Callable):
