@@ -69,3 +69,23 @@ def test_sampler_embeds_a_diffusers_unet_directly():
     converted = Sampler(unet_from_diffusers(unet).eval(), schedule, coeffs, shape).run(
         generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(direct, converted, rtol=1e-4, atol=1e-4)
+
+
+def test_paper_architecture_exports_to_diffusers_and_back():
+    from fastddpm import UNet
+    from fastddpm.models import convert_state_dict, diffusers_config, to_diffusers_state_dict
+
+    torch.manual_seed(0)
+    model = UNet(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), groups=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    cfg = diffusers_config(model.config)
+    unet = diffusers.UNet2DModel(**{k: v for k, v in cfg.items() if k != "_class_name"}).eval()
+    unet.load_state_dict(to_diffusers_state_dict(model, model.config), strict=True)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t).sample, model(x, t), rtol=1e-4, atol=1e-4)
+    back = to_diffusers_state_dict(convert_state_dict(cfg, unet.state_dict()), model.config)
+    assert back.keys() == unet.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in unet.state_dict().items())

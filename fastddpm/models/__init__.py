@@ -1,6 +1,8 @@
 """Model architectures."""
 
-from .diffusers_compat import config_from_diffusers, unet_from_diffusers
+from .diffusers_compat import (config_from_diffusers, convert_state_dict, diffusers_config, to_diffusers_state_dict,
+                               unet_from_diffusers)
 from .unet import PRESETS, UNet, UNetConfig, timestep_embedding
 
-__all__ = ["PRESETS", "UNet", "UNetConfig", "config_from_diffusers", "timestep_embedding", "unet_from_diffusers"]
+__all__ = ["PRESETS", "UNet", "UNetConfig", "config_from_diffusers", "convert_state_dict", "diffusers_config",
+           "timestep_embedding", "to_diffusers_state_dict", "unet_from_diffusers"]
