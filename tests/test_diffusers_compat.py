@@ -186,6 +186,13 @@ def test_an_unsupported_setting_is_refused_by_name(field):
         config_from_diffusers(dict(BASE, **{field: UNSUPPORTED[field]}))
 
 
+@pytest.mark.parametrize("field,value", [("block_out_channels", (0, 16)), ("block_out_channels", None),
+                                         ("attention_head_dim", 0), ("down_block_types", "DownBlock2D")])
+def test_malformed_structure_is_a_value_error(field, value):
+    with pytest.raises(ValueError, match=rf"^unet: .*\b{field}="):
+        config_from_diffusers(dict(BASE, **{field: value}))
+
+
 def test_every_unsupported_setting_is_named_at_once():
     bad = {k: UNSUPPORTED[k] for k in ("class_embed_type", "time_embedding_type", "down_block_types")}
     with pytest.raises(ValueError) as info:

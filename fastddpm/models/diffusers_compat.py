@@ -41,7 +41,7 @@ DIFFUSERS_DEFAULTS = {
     "num_class_embeds": None, "num_train_timesteps": None,
 }
 
-# The settings fastddpm's U-Net has no counterpart for, with the values it does take.
+# The settings of which fastddpm's U-Net builds only some values: those values.
 _ALLOWED = {"time_embedding_type": ("positional",), "class_embed_type": (None,), "num_class_embeds": (None,),
             "resnet_time_scale_shift": TIME_SCALE_SHIFTS, "act_fn": ("silu", "swish"),
             "mid_block_type": ("UNetMidBlock2D",), "downsample_type": ("conv",), "upsample_type": ("conv",),
@@ -55,9 +55,19 @@ def _getter(cfg):
     return lambda k: getattr(cfg, k, DIFFUSERS_DEFAULTS.get(k))
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _structure_problems(get) -> List[str]:
     """What in the block layout, channels and heads fastddpm's U-Net cannot build."""
-    downs, ups, chans = list(get("down_block_types")), list(get("up_block_types")), list(get("block_out_channels"))
+    downs, ups, chans = get("down_block_types"), get("up_block_types"), get("block_out_channels")
+    # a config read from a file may hold anything: check the types before any arithmetic
+    if not all(isinstance(v, (list, tuple)) and v for v in (downs, ups, chans)) \
+            or not all(_positive_int(c) for c in chans):
+        return [f"down_block_types={downs!r} / up_block_types={ups!r} / block_out_channels={chans!r} "
+                f"(expected non-empty lists of block names and of positive ints)"]
+    downs, ups, chans = list(downs), list(ups), list(chans)
     problems = []
     if any(b not in _BLOCKS for b in downs):
         problems.append(f"down_block_types={downs} (expected {' / '.join(_BLOCKS)} only)")
@@ -70,7 +80,7 @@ def _structure_problems(get) -> List[str]:
         problems.append("norm_num_groups=None (expected an int)")
     head = get("attention_head_dim")
     attn_chans = [c for c, b in zip(chans, downs) if b.startswith("Attn")] + chans[-1:] * bool(get("add_attention"))
-    if head is not None and (not isinstance(head, int) or any(c % head for c in attn_chans)):
+    if head is not None and (not _positive_int(head) or any(c % head for c in attn_chans)):
         problems.append(f"attention_head_dim={head!r} (expected a divisor of every attention block's "
                         f"channels {sorted(set(attn_chans))}, or None)")
     size = get("sample_size")
@@ -104,7 +114,7 @@ def config_from_diffusers(cfg) -> UNetConfig:
         ch_mult=tuple(c // chans[0] for c in chans), num_res_blocks=get("layers_per_block"),
         attn_resolutions=tuple(res // 2**level for level, b in enumerate(downs) if b.startswith("Attn")),
         dropout=float(get("dropout") or 0.0), groups=get("norm_num_groups"), norm_eps=float(get("norm_eps")),
-        flip_sin_to_cos=bool(get("flip_sin_to_cos")), freq_shift=get("freq_shift"),
+        flip_sin_to_cos=get("flip_sin_to_cos"), freq_shift=get("freq_shift"),
         attention_head_dim=get("attention_head_dim"), downsample_padding=get("downsample_padding"),
         resnet_time_scale_shift=scale_shift, time_embedding_dim=get("time_embedding_dim"),
         mid_attention=bool(get("add_attention")), mid_attn_groups=attn_groups,
