@@ -8,6 +8,7 @@ Quick start::
 """
 
 from .checkpoint import CheckpointError
+from .diffusers_io import accelerate, export_diffusers
 from .diffusion import q_posterior, q_sample, reference_ddim_sample, reference_sample, training_loss
 from .edits import denoise, from_shared_latent, inpaint, interpolate, progressive, reconstruct
 from .images import make_grid, save_grid
@@ -26,6 +27,6 @@ __all__ = [
     "TrainConfig", "Trainer", "UNet", "UNetConfig", "bundled_models", "load", "make_grid", "q_posterior", "q_sample",
     "reference_ddim_sample", "reference_sample", "sample", "save", "save_grid", "train", "training_loss",
     "denoise", "from_shared_latent", "inpaint", "interpolate", "progressive", "reconstruct",
-    "BitsPerDim", "bits_per_dim", "NonFiniteError",
+    "BitsPerDim", "bits_per_dim", "NonFiniteError", "accelerate", "export_diffusers",
     "__version__",
 ]

@@ -111,12 +111,18 @@ def locate_checkpoint(path) -> str:
 
 
 def load(path: str, *, ema: bool = True, device="cpu") -> DDPM:
-    """Load a checkpoint directory, a training run directory (its ``checkpoint``), or a bundled
-    model by name (e.g. ``"mnist"``) as a :class:`DDPM`.
+    """Load a checkpoint directory, a training run directory (its ``checkpoint``), a bundled
+    model by name (e.g. ``"mnist"``), or a diffusers pipeline / UNet2DModel folder (read without
+    diffusers: :func:`fastddpm.diffusers_io.load_folder`) as a :class:`DDPM`.
 
     With ``ema=True`` the EMA weights are used when the checkpoint has them.
     """
-    ckpt = read_checkpoint(locate_checkpoint(path))
+    from .diffusers_io.folder import is_diffusers_folder, load_folder  # it builds on this module
+
+    path = locate_checkpoint(path)
+    if is_diffusers_folder(path):
+        return load_folder(path, device=device)
+    ckpt = read_checkpoint(path)
     state = ckpt.ema if (ema and ckpt.ema is not None) else ckpt.model
     ddpm = build_ddpm(ckpt.config, state, ckpt.path)
     ddpm.model.to(device)

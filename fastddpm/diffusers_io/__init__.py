@@ -8,7 +8,10 @@ and ``accelerate(pipe)`` (docs/diffusers.md).
 """
 
 from .accelerate import FastPipeline, accelerate
+from .export import export_diffusers
+from .folder import DiffusersDDPM, is_diffusers_folder, load_folder, load_pipeline
 from .scheduler import SchedulerSettings, full_schedule, inference_timesteps, scheduler_settings, step_plan
 
-__all__ = ["FastPipeline", "SchedulerSettings", "accelerate", "full_schedule", "inference_timesteps",
-           "scheduler_settings", "step_plan"]
+__all__ = ["DiffusersDDPM", "FastPipeline", "SchedulerSettings", "accelerate", "export_diffusers", "full_schedule",
+           "inference_timesteps", "is_diffusers_folder", "load_folder", "load_pipeline", "scheduler_settings",
+           "step_plan"]
