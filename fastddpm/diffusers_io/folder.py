@@ -57,15 +57,11 @@ class DiffusersDDPM(DDPM):
 
 
 def _unet_config_is_diffusers(path: str) -> bool:
-    fp = os.path.join(path, UNET_CONFIG)
-    if not os.path.isfile(fp) or os.path.getsize(fp) > MAX_JSON_BYTES:
-        return False
     try:
-        with open(fp, "rb") as f:
-            config = json.loads(f.read())
-    except (OSError, ValueError):
+        config = read_json(os.path.join(path, UNET_CONFIG))
+    except CheckpointError:
         return False  # not ours to judge: the fastddpm reader reports a broken config.json
-    return isinstance(config, dict) and config.get("_class_name") == "UNet2DModel"
+    return config.get("_class_name") == "UNet2DModel"
 
 
 def is_diffusers_folder(path) -> bool:
