@@ -23,7 +23,9 @@ def _threads(n: Optional[int]):
 
 
 def cmd_train(args) -> int:
-    """Train a model; see ``fastddpm train --help``."""
+    """Train a model; see ``fastddpm train --help``. Runs unchanged under ``torchrun`` (one
+    process per device, ``--batch-size`` the global batch); rank 0 alone reports."""
+    from . import distributed
     from .train import train
 
     _threads(args.threads)
@@ -36,8 +38,10 @@ def cmd_train(args) -> int:
     start = time.monotonic()
     ddpm = train(args.data, out=args.out, steps=args.steps, preset=args.preset, resume=args.resume,
                  device=args.device, max_minutes=args.max_minutes, progress=not args.quiet, **kwargs)
-    print(f"trained to step {ddpm.step} in {time.monotonic() - start:.0f} s; "
-          f"checkpoint: {os.path.join(args.out, 'checkpoint')}")
+    if distributed.is_main():
+        print(f"trained to step {ddpm.step} in {time.monotonic() - start:.0f} s; "
+              f"checkpoint: {os.path.join(args.out, 'checkpoint')}")
+    distributed.shutdown()
     return 0
 
 

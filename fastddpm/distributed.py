@@ -74,3 +74,32 @@ def barrier() -> None:
     """Wait for every rank (nothing without a process group)."""
     if initialized():
         dist.barrier()
+
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``tensor`` combined over every rank in place (``op``: sum, max or min) and returned; as it
+    is without a process group. Every rank must make the same calls in the same order."""
+    if op not in _OPS:
+        raise ValueError(f"op: expected one of {sorted(_OPS)}, got {op!r}")
+    if initialized():
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _OPS[op]))
+    return tensor
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel (gradients averaged over the ranks during
+    ``backward``) when there is more than one rank; ``module`` itself otherwise."""
+    if world_size() == 1:
+        return module
+    device = torch.device(device)
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shutdown() -> None:
+    """Leave the process group (nothing without one): the end of a command run under torchrun."""
+    if initialized():
+        dist.destroy_process_group()

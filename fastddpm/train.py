@@ -3,6 +3,14 @@ periodic sample grids and atomic checkpoints that ``resume`` continues exactly.
 
 Every random draw of step ``k`` (batch order, flips, t, eps, dropout) comes from generators seeded
 by ``(seed, k)``, so a resumed run takes the same steps as an uninterrupted one.
+
+The same code runs under ``torchrun --nproc_per_node N`` (and multi-node rendezvous), with
+PyTorch's own engine (:mod:`fastddpm.distributed`): each rank joins the process group (NCCL on
+CUDA, gloo on the CPU), trains a DistributedDataParallel replica on ``batch_size / N`` images of
+the global batch, and rank 0 alone writes logs, sample grids and checkpoints. The global batch of
+step ``k`` and its draws are those of a one-process run, split by rank (see :meth:`Trainer._batch`),
+so N processes take the same steps as one up to the order of the gradient all-reduce's float sums,
+and a checkpoint resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from . import distributed
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .data import check_finite, load_dataset
 from .diffusion import training_loss
@@ -134,8 +143,21 @@ def _all_finite(tensors) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+def _step_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s draws: below 2**53, as ``seed < 2**32``."""
+    return seed * 1_000_003 + step
+
+
 def _step_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    return torch.Generator(device).manual_seed(_step_seed(seed, step))
+
+
+def _dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of torch's global RNG (dropout) at step ``step`` on rank ``rank``: the step seed
+    with the rank in bits 53 and up, so that ranks draw different masks (rank 0's, and thus a
+    one-process run's, are the step seed's). Dropout masks therefore depend on the number of
+    processes: N processes equal one exactly only for models without dropout."""
+    return _step_seed(seed, step) + (rank << 53)
 
 
 class Trainer:
@@ -144,6 +166,13 @@ class Trainer:
     Each step leaves its loss and whether it was finite on the device; the host reads them only
     at log, sample and checkpoint time (and every ``FLUSH_EVERY`` steps), so a step never waits
     for the accelerator.
+
+    Under torchrun the trainer joins the process group and runs on its rank's device (``cuda``
+    becomes ``cuda:LOCAL_RANK``); ``config.batch_size`` is the global batch, a multiple of the
+    number of processes. ``self.model`` and ``self.ema`` are the plain modules (checkpoints hold
+    their state dicts); the forward pass goes through a DistributedDataParallel wrapper, which
+    averages the gradients over the ranks, so every rank's weights, Adam state and EMA stay equal.
+    Every rank must call the same methods in the same order (they hold collectives).
     """
 
     def __init__(self, ddpm: DDPM, images: torch.Tensor, out: str, config: TrainConfig = None,
@@ -151,13 +180,19 @@ class Trainer:
         self.config = config or TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(self.config).__name__}")
-        self.device = resolve_device(device)
+        distributed.init(resolve_device(device))
+        # after init, which makes the rank's GPU the current one: "cuda" names cuda:LOCAL_RANK
+        self.device = resolve_device(distributed.rank_device(device))
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
         _check_images(images, ddpm.image_shape, self.config.batch_size)
+        _check_split(self.config.batch_size, self.world_size)
         self.ddpm = ddpm
         self.model = ddpm.model.to(self.device)
         self.images = images.to(self.device)
         self.out = out
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        # wrapped after the copy, so that the EMA carries none of DDP's hooks
+        self._net = distributed.data_parallel(self.model, self.device)  # what the loss calls
         # "skip" needs the fused Adam: it alone drops a whole update on the device (see _apply_update)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=self._fused())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
@@ -173,42 +208,65 @@ class Trainer:
         return True if self.config.on_nonfinite == "skip" else None
 
     # ------------------------------------------------------------------------------- one step
+    def _share(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global-batch tensor: ``[r * b / N, (r + 1) * b / N)``."""
+        size = rows.shape[0] // self.world_size
+        return rows[self.rank * size:(self.rank + 1) * size]
+
     def _batch(self, g: torch.Generator) -> torch.Tensor:
+        """This rank's share of step ``k``'s global batch, flipped where ``flip`` says.
+
+        The global batch is the one-process run's on any number of processes: epoch ``e`` visits
+        the images in the order of a permutation seeded by ``seed + e`` (the same on every rank:
+        what a DistributedSampler with per-epoch shuffling does, but one permutation sliced by
+        rank instead of one strided per rank, so the split does not change the batch), and the
+        flips are drawn for the whole global batch from ``g`` before each rank takes its rows.
+        """
         n, bs = self.images.shape[0], self.config.batch_size
         per_epoch = n // bs
         epoch, j = divmod(self.step, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
-        batch = self.images[order[j * bs:(j + 1) * bs].to(self.device)]
+        batch = self.images[self._share(order[j * bs:(j + 1) * bs]).to(self.device)]
         if self.config.flip:
-            flip = torch.rand(batch.shape[0], generator=g, device=self.device) < 0.5
+            flip = self._share(torch.rand(bs, generator=g, device=self.device) < 0.5)
             batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
         return batch
+
+    def _draws(self, g: torch.Generator, x0: torch.Tensor):
+        """This rank's share of the global batch's timesteps and noise, drawn from ``g`` in the
+        order :func:`training_loss` draws them, so one process draws exactly what it would."""
+        bs = self.config.batch_size
+        t = torch.randint(0, self.ddpm.schedule.T, (bs,), generator=g, device=self.device)
+        noise = torch.randn((bs, *x0.shape[1:]), generator=g, device=self.device, dtype=x0.dtype)
+        return self._share(t), self._share(noise)
 
     def _lr(self) -> float:
         warm = self.config.warmup
         return self.config.lr * (min(1.0, (self.step + 1) / warm) if warm else 1.0)
 
     def train_step(self) -> float:
-        """One optimisation step on one batch; returns the loss.
+        """One optimisation step on one batch; returns the loss (under torchrun: the global
+        batch's, on every rank).
 
         Reads the loss on the host (the loop in :meth:`train` does not), and under
         ``on_nonfinite="stop"`` raises :class:`NonFiniteError` when the step was not finite.
         """
-        loss = self._step()
+        self._step()
         self._sync()
-        return float(loss)
+        return self.losses[-1]
 
     def _step(self) -> torch.Tensor:
         """One optimisation step; returns the loss, left on the device."""
         cfg = self.config
         g = _step_generator(self.device, cfg.seed, self.step)
-        torch.manual_seed(cfg.seed * 1_000_003 + self.step)  # dropout
+        torch.manual_seed(_dropout_seed(cfg.seed, self.step, self.rank))
         x0 = self._batch(g)
+        t, noise = self._draws(g, x0)
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
         with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None):
-            loss = training_loss(self.model, self.ddpm.schedule, x0, self.ddpm.prediction, generator=g)
+            loss = training_loss(self._net, self.ddpm.schedule, x0, self.ddpm.prediction, t=t, noise=noise)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         loss = loss.detach()
@@ -236,6 +294,10 @@ class Trainer:
             # under fp16 an overflowing gradient is the scaler's business: it skips that step and
             # lowers its scale, as it is designed to
             finite = finite & torch.isfinite(norm)
+        if self.config.on_nonfinite == "skip" and self.world_size > 1:
+            # the loss is per rank: every rank must skip the same steps or the replicas drift
+            # apart, so they agree now (a one-element all-reduce on the device, no host read)
+            finite = distributed.all_reduce(finite.to(torch.int32), "min").bool()
         return finite
 
     def _apply_update(self, finite: torch.Tensor) -> None:
@@ -288,16 +350,29 @@ class Trainer:
         return int(self._nonfinite)
 
     def _sync(self) -> None:
-        """Move the pending losses into ``self.losses``; under "stop", raise
-        :class:`NonFiniteError` if any step so far was not finite."""
+        """Move the pending losses into ``self.losses`` (under torchrun: the mean over the ranks,
+        the global batch's loss); under "stop", raise :class:`NonFiniteError` if any step so far
+        was not finite on any rank (every rank then raises, at the same step)."""
         if self._pending:
-            self.losses.extend(torch.stack(self._pending).tolist())
+            losses = distributed.all_reduce(torch.stack(self._pending)) / self.world_size
+            self.losses.extend(losses.tolist())
             self._pending.clear()
+        if self.config.on_nonfinite == "stop" and self.world_size > 1:
+            self._agree_nonfinite()
         if self.config.on_nonfinite == "stop" and self.nonfinite_steps():
             first = int(self._first_nonfinite)
             raise NonFiniteError(f"training: the loss or gradients became NaN or infinite at step {first}; "
                                  f"{self._kept_checkpoint()}. Lower lr, set grad_clip, check the data, or "
                                  f"pass on_nonfinite='skip' to skip such steps")
+
+    def _agree_nonfinite(self) -> None:
+        """Every rank takes the others' non-finite steps as its own (the largest count, the
+        earliest first step): a loss is per rank, so one rank alone may have seen a NaN."""
+        never = torch.iinfo(torch.int64).max
+        first = torch.where(self._first_nonfinite < 0, never, self._first_nonfinite)
+        both = distributed.all_reduce(torch.stack([self._nonfinite, -first]), "max")
+        self._nonfinite.copy_(both[0])
+        self._first_nonfinite.copy_(torch.where(both[1] == -never, -1, -both[1]))
 
     def _ensure_finite(self) -> None:
         """Before a sample grid or a checkpoint: every step finite (under "stop") and the weights
@@ -318,35 +393,52 @@ class Trainer:
 
         Returns the DDPM with the EMA weights; the raw weights stay in ``self.model``. Raises
         :class:`NonFiniteError` (under ``on_nonfinite="stop"``) at the first log, sample or
-        checkpoint after a non-finite step, without writing a checkpoint.
+        checkpoint after a non-finite step, without writing a checkpoint. Under torchrun only
+        rank 0 shows the progress bar and writes log.jsonl, and every rank returns once the
+        final checkpoint is on disk.
         """
         from tqdm.auto import tqdm
 
         cfg = self.config
+        main = distributed.is_main()
         os.makedirs(self.out, exist_ok=True)
         start = time.monotonic()
-        bar = tqdm(total=steps, initial=self.step, disable=not progress, desc="train", unit="step")
-        log = open(os.path.join(self.out, "log.jsonl"), "a")
+        bar = tqdm(total=steps, initial=self.step, disable=not (progress and main), desc="train", unit="step")
+        log = open(os.path.join(self.out, "log.jsonl"), "a") if main else None
         try:
             while self.step < steps:
                 self._step()
                 bar.update(1)
                 if cfg.log_every and self.step % cfg.log_every == 0:
-                    record = self._log_record(time.monotonic() - start)
+                    record = self._log_record(time.monotonic() - start)  # on every rank: it all-reduces
                     bar.set_postfix(loss="nan" if record["loss"] is None else f"{record['loss']:.4f}")
-                    log.write(json.dumps(record, allow_nan=False) + "\n")
-                    log.flush()
+                    if log is not None:
+                        log.write(json.dumps(record, allow_nan=False) + "\n")
+                        log.flush()
                 if cfg.sample_every and self.step % cfg.sample_every == 0:
                     self.save_samples()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-                if max_minutes is not None and time.monotonic() - start > 60 * max_minutes:
+                if max_minutes is not None and self._out_of_time(time.monotonic() - start, max_minutes):
                     break
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
         self.save_checkpoint()
+        distributed.barrier()  # the other ranks return once rank 0's checkpoint is written
         return self.ema_ddpm()
+
+    def _out_of_time(self, elapsed: float, max_minutes: float) -> bool:
+        """Whether ``max_minutes`` have passed. Every rank must leave the loop after the same
+        step, so under torchrun they agree (one rank out of time stops all), and only at log
+        steps (every step when ``log_every`` is 0), where the host is read anyway."""
+        over = elapsed > 60 * max_minutes
+        if self.world_size == 1:
+            return over
+        if self.config.log_every and self.step % self.config.log_every:
+            return False
+        return bool(distributed.all_reduce(torch.tensor(int(over), device=self.device), "max"))
 
     def _log_record(self, elapsed: float) -> dict:
         """One log.jsonl line: ``loss`` is the mean of the finite losses of the last ``log_every``
@@ -366,13 +458,16 @@ class Trainer:
         return DDPM(self.ema, self.ddpm.schedule, self.ddpm.prediction, self.step)
 
     def save_samples(self, n: int = 16) -> str:
-        """Sample a grid from the EMA model into ``out/samples/step_XXXXXXX.png``."""
+        """Sample a grid from the EMA model into ``out/samples/step_XXXXXXX.png`` (under torchrun:
+        rank 0 does; every rank checks the run is finite and returns the path)."""
         from .sampling import sample
 
         self._ensure_finite()
+        path = os.path.join(self.out, "samples", f"step_{self.step:07d}.png")
+        if not distributed.is_main():
+            return path
         x = sample(self.ema_ddpm(), n, steps=min(self.config.sample_steps, self.ddpm.schedule.T),
                    seed=self.config.seed, device=self.device, progress=False, reuse=False)
-        path = os.path.join(self.out, "samples", f"step_{self.step:07d}.png")
         save_grid(x, path)
         return path
 
@@ -382,18 +477,26 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Write model, EMA, optimizer state and config to ``out/checkpoint`` atomically; a
-        :class:`NonFiniteError` instead when the run is no longer finite (the old one stays)."""
+        :class:`NonFiniteError` instead when the run is no longer finite (the old one stays).
+
+        Under torchrun rank 0 writes (the ranks' states are equal) and the others go on without
+        waiting: their next gradient all-reduce waits for rank 0 anyway. The state dicts are the
+        plain modules', with no trace of the number of processes, so any number can resume."""
         self._ensure_finite()
-        config = dict(self.ema_ddpm().config_dict(), train=asdict(self.config))
-        state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        path = write_checkpoint(self.checkpoint_path(), config, self.model, ema=self.ema, optimizer=state)
+        path = self.checkpoint_path()
+        if distributed.is_main():
+            config = dict(self.ema_ddpm().config_dict(), train=asdict(self.config))
+            state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+            path = write_checkpoint(path, config, self.model, ema=self.ema, optimizer=state)
         self._saved_step = self.step
         return path
 
     @classmethod
     def resume(cls, out: str, images: torch.Tensor, device="cpu", **overrides) -> "Trainer":
-        """Continue the run in ``out`` from its checkpoint: same step, weights, EMA and optimizer."""
-        ckpt = read_checkpoint(os.path.join(out, "checkpoint"), with_optimizer=True)
+        """Continue the run in ``out`` from its checkpoint: same step, weights, EMA and optimizer,
+        on any number of processes (under torchrun every rank reads it: ``out`` must be on a
+        file system every node sees)."""
+        ckpt = _read_shared(os.path.join(out, "checkpoint"), device)
         if ckpt.ema is None or ckpt.optimizer is None:
             raise ValueError(f"out: {out!r} holds a checkpoint without EMA or optimizer state; "
                              f"it cannot be resumed")
@@ -407,6 +510,19 @@ class Trainer:
             trainer.scaler.load_state_dict(ckpt.optimizer["scaler"])
         trainer.step = trainer._saved_step = ddpm.step
         return trainer
+
+
+def _read_shared(path: str, device):
+    """The checkpoint at ``path`` with its optimizer state, read by rank 0 first: reading may
+    recover a checkpoint a killed save left beside ``path`` (files are renamed), which one process
+    must do alone before the others read."""
+    distributed.init(resolve_device(device))
+    if distributed.is_main():
+        ckpt = read_checkpoint(path, with_optimizer=True)
+    distributed.barrier()
+    if not distributed.is_main():
+        ckpt = read_checkpoint(path, with_optimizer=True)
+    return ckpt
 
 
 def _resume_error(path: str, what: str) -> CheckpointError:
@@ -425,6 +541,14 @@ def _check_images(images, image_shape, batch_size: int) -> None:
         raise ValueError(f"batch_size: expected at most the dataset size ({images.shape[0]} images), "
                          f"got {batch_size}")
     check_finite(images, "images")
+
+
+def _check_split(batch_size: int, world_size: int) -> None:
+    """The global batch splits evenly over the processes: each rank's mean loss then weighs as
+    much as the others, and DDP's average of them is the global batch's mean."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size: the global batch size must be a multiple of the number of "
+                         f"processes ({world_size}), got {batch_size}")
 
 
 def _check_resume_state(ema: dict, state, trainer: Trainer, path: str) -> None:
@@ -487,6 +611,9 @@ def train(data="digits", *, out: str, steps: int, preset: Optional[str] = None,
     ``model_config`` chooses the U-Net, whose initial weights are drawn from ``seed``; other
     keyword arguments are :class:`TrainConfig` fields. With ``resume=True`` training continues
     from ``out/checkpoint``. Returns the EMA model.
+
+    Runs unchanged under ``torchrun``: ``batch_size`` is then the global batch, split over the
+    processes, and the run takes the steps one process would (see :class:`Trainer`).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
