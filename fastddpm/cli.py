@@ -46,7 +46,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    """Sample images into a PNG grid (and optionally a .npy array)."""
+    """Sample images into a PNG grid (and optionally a .npy array), or with ``--out-dir`` into
+    files named by image index, sharded over the ranks of a torchrun job (fastddpm/sharded.py)."""
     import numpy as np
 
     from .images import save_grid
@@ -55,6 +56,8 @@ def cmd_sample(args) -> int:
     _threads(args.threads)
     start = time.monotonic()
     options = SpeedOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SpeedOptions)})
+    if args.out_dir is not None:
+        return _sample_to_folder(args, options, start)
     with warnings.catch_warnings():
         warnings.simplefilter("error", NonFiniteWarning)  # NaN images are an error here, not a PNG of gray
         x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
@@ -65,6 +68,43 @@ def cmd_sample(args) -> int:
     if args.npy:
         np.save(args.npy, x.cpu().numpy())
     print(f"wrote {args.n} samples to {args.out} in {time.monotonic() - start:.1f} s")
+    return 0
+
+
+def _sample_to_folder(args, options, start: float) -> int:
+    """``sample --out-dir``: this rank's shards of the run, per-image seeds always on (so the
+    images do not depend on the split), then rank 0's manifest."""
+    import torch
+
+    from . import distributed, sharded
+    from .sampling import NonFiniteWarning, sample
+
+    if args.npy is not None:
+        raise ValueError("--npy: not used with --out-dir (use --format npy or both)")
+    layout = sharded.Layout(args.out_dir, args.n, args.shard_size, args.format)
+    settings = dict(model=args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
+                    eta=args.eta, variance=args.variance, clip=not args.no_clip, noise_source=args.noise_source,
+                    dtype=args.dtype, format=args.format, shard_size=args.shard_size, per_image_seeds=True)
+    distributed.init(args.device)
+    try:
+        device = distributed.rank_device(args.device)
+
+        def draw(first: int, count: int) -> torch.Tensor:
+            return sample(args.model, count, steps=args.steps, sampler=args.sampler, variance=args.variance,
+                          clip=not args.no_clip, eta=args.eta, seed=args.seed, device=device,
+                          batch_size=args.batch_size, progress=False, noise_source=args.noise_source,
+                          per_image_seeds=True, first_index=first, options=options)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NonFiniteWarning)
+            sampled, files = sharded.sample_to_folder(layout, settings, draw, progress=not args.quiet)
+        if distributed.is_main():
+            print(f"rank 0 of {distributed.world_size()} sampled {sampled} images; {args.out_dir} holds the "
+                  f"{args.n} images in {len(files)} files (manifest: {sharded.MANIFEST}) after "
+                  f"{time.monotonic() - start:.1f} s")
+    finally:
+        if distributed.initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -189,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample images into a PNG grid (Algorithm 2)")
     s.add_argument("--model", default="mnist", help="checkpoint directory or bundled model name")
-    s.add_argument("--n", type=positive_int, default=16)
+    # -n: under torchrun, whose own parser reads --n as an ambiguous abbreviation of its options
+    s.add_argument("-n", "--n", type=positive_int, default=16, help="images (write -n under torchrun)")
     s.add_argument("--out", type=image_file, default="samples.png", help="the image grid (.png)")
     s.add_argument("--npy", type=npy_file, default=None,
                    help="also save the raw samples as .npy")
@@ -203,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=positive_int, default=2, help="pixel upscaling of the PNG")
     s.add_argument("--noise-source", "--noise", choices=["generator", "philox"], default="generator",
                    help="torch.randn draws (the reference sampler's) or in-kernel Philox")
+    s.add_argument("--out-dir", default=None,
+                   help="write the images as files named by index into this folder instead of a grid, with "
+                        "per-image seeds; under torchrun each rank writes its share; a rerun resumes")
+    s.add_argument("--format", choices=["png", "npy", "both"], default="png",
+                   help="--out-dir files: DIR/000123.png per image, DIR/shard_000000-000999.npy per shard, or both")
+    s.add_argument("--shard-size", type=positive_int, default=1000,
+                   help="--out-dir: images per shard (the unit of work split over ranks, and of an .npy file)")
     _add_speed_options(s)
     s.set_defaults(func=cmd_sample)
 

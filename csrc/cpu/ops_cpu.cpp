@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const a
   const at::Tensor t_dense = t.contiguous();  // a strided [B] view must not be read as dense
   const int64_t* tp = t_dense.data_ptr<int64_t>();
   const float* tab = table.data_ptr<float>();
-  const auto [seed, offset] = read_rng_state(rng_state);
+  const auto [seed, offset, base] = read_rng_state(rng_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x0.data_ptr<scalar_t>();
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0_in, const a
             pf.add(xp + sub, false);
             pf.add(np + sub, true);
             pf.add(op + sub, true);
-            philox_normals(sub, sub + n, seed, offset, np + sub, &pf);
+            philox_normals(base + sub, base + sub + n, seed, offset, np + sub, &pf);
           }
           dispatch_noising_row<scalar_t, acc_t>(xp + sub, np + sub, op + sub, n, a, s);
         }
@@ -196,7 +196,7 @@ void ddpm_step_into(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& m
   const at::Tensor t_dense = t.contiguous();  // a strided [B] view must not be read as dense
   const int64_t* tp = t_dense.data_ptr<int64_t>();
   const float* tab = coeffs.data_ptr<float>();
-  const auto [seed, offset] = read_rng_state(rng_state);
+  const auto [seed, offset, base] = read_rng_state(rng_state);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ddpm_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -222,7 +222,7 @@ void ddpm_step_into(at::Tensor& out, const at::Tensor& x_in, const at::Tensor& m
             pf.add(xp + sub, false);
             pf.add(mp + sub, false);
             pf.add(op + sub, true);
-            philox_normals(sub, sub + n, seed, offset, zbuf.data(), &pf);
+            philox_normals(base + sub, base + sub + n, seed, offset, zbuf.data(), &pf);
           } else std::fill(zbuf.begin(), zbuf.begin() + n, acc_t(0));
           dispatch_step_row<scalar_t, acc_t, acc_t>(xp + sub, mp + sub, zbuf.data(), op + sub, n, c,
                                                     clip.has_value(), r);

@@ -105,19 +105,21 @@ __device__ __forceinline__ int64_t clamped_timestep(const int64_t* t, int64_t n,
   return ts < 0 ? int64_t(0) : (ts < T ? ts : T - 1);
 }
 
-// Sample blockIdx.y, its 4-value blocks [0, per4) strided over blockIdx.x.
+// Sample blockIdx.y, its 4-value blocks [0, per4) strided over blockIdx.x; with has_base, the Philox
+// blocks of the draw start at rng[2] / 4 (see read_rng_state in checks.h).
 template <bool kDraw, class Op>
 __global__ void rows_kernel(Op op, const int64_t* __restrict__ t, int64_t T, const int64_t* __restrict__ rng,
-                            int64_t per4) {
+                            bool has_base, int64_t per4) {
   const int64_t n = blockIdx.y;
   const auto p = op.params(clamped_timestep(t, n, T));
   const bool make_noise = kDraw && op.noisy(p);
   const uint64_t seed = kDraw ? static_cast<uint64_t>(rng[0]) : 0;
   const uint64_t offset = kDraw ? static_cast<uint64_t>(rng[1]) : 0;
+  const int64_t base4 = kDraw && has_base ? rng[2] / 4 : 0;
   for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < per4; j += (int64_t)gridDim.x * blockDim.x) {
     const int64_t blk = n * per4 + j;
     float noise[4] = {0.f, 0.f, 0.f, 0.f};
-    if (make_noise) normal4(static_cast<uint64_t>(blk), offset, seed, noise);
+    if (make_noise) normal4(static_cast<uint64_t>(base4 + blk), offset, seed, noise);
     op.apply4(blk * 4, kDraw, noise, p);
   }
 }
@@ -125,14 +127,15 @@ __global__ void rows_kernel(Op op, const int64_t* __restrict__ t, int64_t T, con
 // Any shape: element i's sample is i / per_sample.
 template <bool kDraw, class Op>
 __global__ void flat_kernel(Op op, const int64_t* __restrict__ t, int64_t T, const int64_t* __restrict__ rng,
-                            int64_t numel, int64_t per_sample) {
+                            bool has_base, int64_t numel, int64_t per_sample) {
   const int64_t blocks4 = (numel + 3) / 4;
   const uint64_t seed = kDraw ? static_cast<uint64_t>(rng[0]) : 0;
   const uint64_t offset = kDraw ? static_cast<uint64_t>(rng[1]) : 0;
+  const int64_t base4 = kDraw && has_base ? rng[2] / 4 : 0;
   for (int64_t blk = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; blk < blocks4;
        blk += (int64_t)gridDim.x * blockDim.x) {
     float noise[4] = {0.f, 0.f, 0.f, 0.f};
-    if (kDraw) normal4(static_cast<uint64_t>(blk), offset, seed, noise);
+    if (kDraw) normal4(static_cast<uint64_t>(base4 + blk), offset, seed, noise);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t i = blk * 4 + j;
@@ -145,19 +148,19 @@ __global__ void flat_kernel(Op op, const int64_t* __restrict__ t, int64_t T, con
 // Launch `op` over numel values of B samples; `vec_ok`: every tensor it touches is 4-value aligned.
 template <class Op>
 void launch_elementwise(const Op& op, bool draw, const at::Tensor& t, int64_t T, const int64_t* rng,
-                        int64_t numel, int64_t B, bool vec_ok) {
+                        bool has_base, int64_t numel, int64_t B, bool vec_ok) {
   if (numel == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t per = numel / B;
   const int64_t* tp = t.data_ptr<int64_t>();
   if (vec_ok && per % 4 == 0 && B <= 65535) {
     const dim3 grid(static_cast<unsigned>(blocks_for(per / 4, 65535)), static_cast<unsigned>(B));
-    if (draw) rows_kernel<true><<<grid, kThreads, 0, stream>>>(op, tp, T, rng, per / 4);
-    else rows_kernel<false><<<grid, kThreads, 0, stream>>>(op, tp, T, rng, per / 4);
+    if (draw) rows_kernel<true><<<grid, kThreads, 0, stream>>>(op, tp, T, rng, has_base, per / 4);
+    else rows_kernel<false><<<grid, kThreads, 0, stream>>>(op, tp, T, rng, has_base, per / 4);
   } else {
     const int grid = blocks_for((numel + 3) / 4);
-    if (draw) flat_kernel<true><<<grid, kThreads, 0, stream>>>(op, tp, T, rng, numel, per);
-    else flat_kernel<false><<<grid, kThreads, 0, stream>>>(op, tp, T, rng, numel, per);
+    if (draw) flat_kernel<true><<<grid, kThreads, 0, stream>>>(op, tp, T, rng, has_base, numel, per);
+    else flat_kernel<false><<<grid, kThreads, 0, stream>>>(op, tp, T, rng, has_base, numel, per);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -184,7 +187,8 @@ void ddpm_step_into_cuda(at::Tensor& out, const at::Tensor& x_in, const at::Tens
     const StepOp<scalar_t> op{x.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
                               in.draw ? nullptr : z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                               coeffs.data_ptr<float>(), clip.has_value(), static_cast<float>(clip.value_or(0.0))};
-    launch_elementwise(op, in.draw, tc, coeffs.size(0), rng, x.numel(), x.size(0), vec_ok);
+    launch_elementwise(op, in.draw, tc, coeffs.size(0), rng, in.draw && rng_state->numel() == 3, x.numel(),
+                       x.size(0), vec_ok);
   });
 }
 
@@ -220,7 +224,8 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0_in, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cuda", [&] {
     const NoisingOp<scalar_t> op{x0.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                  table.data_ptr<float>()};
-    launch_elementwise(op, draw, tc, table.size(0), rng, x0.numel(), x0.size(0), vec_ok);
+    launch_elementwise(op, draw, tc, table.size(0), rng, draw && rng_state->numel() == 3, x0.numel(),
+                       x0.size(0), vec_ok);
   });
   return {out, draw ? z : at::empty({0}, x0.options())};
 }

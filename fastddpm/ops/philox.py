@@ -4,6 +4,12 @@ native and Triton generators, which implement the same stream; see csrc/include/
 Element ``i`` of a draw with state ``(seed, offset)`` uses Philox block ``i // 4``, lane ``i % 4``,
 with counter ``(block, offset)`` and key ``seed``. Each draw advances ``offset`` by one on the
 device (an in-place add), so a captured CUDA graph draws fresh noise on every replay.
+
+A state with a ``base`` (a multiple of 4) draws numbers ``base + i`` of the stream instead: a
+batch of images ``[i0, i0 + B)`` of C*H*W values each, drawn with ``base = i0 * C*H*W``, gets
+exactly the noise those images get in any other batch (per-image seeds, see
+:mod:`fastddpm.sampling.noise`). The base is the third element of the state tensor, read on the
+device like the rest.
 """
 
 from __future__ import annotations
@@ -22,17 +28,23 @@ _MASK = 0xFFFFFFFF
 
 
 class PhiloxState:
-    """A ``(seed, offset)`` pair held in an int64 tensor on the device the kernels run on."""
+    """A ``(seed, offset)`` pair, or ``(seed, offset, base)``, held in an int64 tensor on the
+    device the kernels run on."""
 
-    def __init__(self, seed: Optional[int] = None, device="cpu", offset: int = 0):
+    def __init__(self, seed: Optional[int] = None, device="cpu", offset: int = 0, base: Optional[int] = None):
         """``seed`` (None: drawn from torch's global RNG) and ``offset`` are ints in ``[0, 2**63)``
-        (an int64 holds them); ``device`` a torch.device or its name. TypeError / ValueError for
-        bad arguments, as :mod:`fastddpm.ops` documents."""
+        (an int64 holds them); ``device`` a torch.device or its name; ``base`` (None: 0, and a
+        two-element state) the stream number of each draw's first element, a multiple of 4 so
+        every kernel keeps whole Philox blocks. TypeError / ValueError for bad arguments, as
+        :mod:`fastddpm.ops` documents."""
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        seed = checks.integer("seed", seed, 0, 2**63)
-        offset = checks.integer("offset", offset, 0, 2**63)
-        self.tensor = torch.tensor([seed, offset], dtype=torch.int64, device=checks.device("device", device))
+        values = [checks.integer("seed", seed, 0, 2**63), checks.integer("offset", offset, 0, 2**63)]
+        if base is not None:
+            values.append(checks.integer("base", base, 0, 2**63))
+            if base % 4:
+                raise ValueError(f"base: expected a multiple of 4 (whole Philox blocks), got {base}")
+        self.tensor = torch.tensor(values, dtype=torch.int64, device=checks.device("device", device))
 
     @property
     def device(self) -> torch.device:
@@ -41,18 +53,20 @@ class PhiloxState:
 
     def advance(self) -> None:
         """Move to the next stream (device-side; no host sync)."""
-        self.tensor[1:].add_(1)
+        self.tensor[1:2].add_(1)
 
     def randn(self, shape) -> torch.Tensor:
         """float32 normals of the current stream, shaped ``shape``, then :meth:`advance` (reads the
         state on the host: for a start value, not for a loop)."""
-        seed, offset = self.tensor.tolist()
+        seed, offset, *base = self.tensor.tolist()
         self.advance()
-        return philox_normal(math.prod(int(s) for s in shape), seed, offset, device=self.device).reshape(tuple(shape))
+        numel = math.prod(int(s) for s in shape)
+        return philox_normal(numel, seed, offset, device=self.device, first=sum(base)).reshape(tuple(shape))
 
     def __repr__(self) -> str:
-        seed, offset = self.tensor.tolist()
-        return f"PhiloxState(seed={seed}, offset={offset}, device={self.device})"
+        seed, offset, *base = self.tensor.tolist()
+        based = f", base={base[0]}" if base else ""
+        return f"PhiloxState(seed={seed}, offset={offset}{based}, device={self.device})"
 
 
 def _mulhilo(a: torch.Tensor, m: int):
@@ -114,19 +128,21 @@ def _noise_sincos_2pi(u: torch.Tensor):
     return table_s.gather(-1, k.long())[..., 0], table_c.gather(-1, k.long())[..., 0]
 
 
-def philox_normal(numel: int, seed: int, offset: int, device="cpu") -> torch.Tensor:
-    """``numel`` float32 normals of stream ``(seed, offset)``: the same bits the native kernels draw.
+def philox_normal(numel: int, seed: int, offset: int, device="cpu", first: int = 0) -> torch.Tensor:
+    """``numel`` float32 normals of stream ``(seed, offset)``, from its number ``first`` on: the
+    same bits the native kernels draw.
 
-    ``numel`` is an int >= 0; ``seed`` and ``offset`` ints in ``[0, 2**64)`` (the kernels read them
-    as uint64); TypeError / ValueError for bad arguments, as :mod:`fastddpm.ops` documents."""
-    numel = checks.integer("numel", numel)
+    ``numel`` and ``first`` are ints >= 0; ``seed`` and ``offset`` ints in ``[0, 2**64)`` (the
+    kernels read them as uint64); TypeError / ValueError for bad arguments, as :mod:`fastddpm.ops`
+    documents."""
+    numel, first = checks.integer("numel", numel), checks.integer("first", first)
     seed, offset = checks.integer("seed", seed, 0, 2**64), checks.integer("offset", offset, 0, 2**64)
     device = checks.device("device", device)
-    blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    blocks = torch.arange(first // 4, (first + numel + 3) // 4, dtype=torch.int64, device=device)
     r = philox4x32_10(blocks, offset, seed)
     u = ((r >> 8).to(torch.float32) + 1.0) * 5.9604644775390625e-08  # (0, 1]
     # sqrt via float64: torch's float32 CPU sqrt is not always correctly rounded, sqrtf is
     radius = torch.sqrt((-2.0 * _noise_log(u[:, 0::2])).double()).float()
     sin, cos = _noise_sincos_2pi(u[:, 1::2])
     z = torch.stack([radius * cos, radius * sin], dim=2)  # [blocks, pair, (cos, sin)]
-    return z.reshape(-1)[:numel]
+    return z.reshape(-1)[first % 4:first % 4 + numel]

@@ -17,7 +17,7 @@ from ..schedule import Schedule
 from ..utils import resolve_device
 from . import cache
 from .method import SamplingMethod
-from .noise import NoiseSource
+from .noise import NoiseSource, resolve_seed
 from .options import SpeedOptions
 from .sampler import Sampler
 
@@ -80,7 +80,7 @@ def prepared_sampler(ddpm: DDPM, schedule: Schedule, method: SamplingMethod, sha
 def in_batches(run: Callable[[int, int], torch.Tensor], n: int, batch_size: int) -> torch.Tensor:
     """``run(start, size)`` over ``n`` items ``batch_size`` at a time, concatenated; on CUDA, halve
     the batch when it does not fit in memory (the draws then differ from one full batch, as they
-    would by hand)."""
+    would by hand, unless they are per-image)."""
     chunks, start = [], 0
     while start < n:
         size = min(batch_size, n - start)
@@ -97,6 +97,45 @@ def in_batches(run: Callable[[int, int], torch.Tensor], n: int, batch_size: int)
     return torch.cat(chunks)
 
 
+class BatchInvariant(torch.overrides.TorchFunctionMode):
+    """Inside it, ``F.linear`` computes each sample's rows on its own (a batched matmul), so an
+    image's model output does not depend on how many images share its batch: CPU GEMMs pick their
+    kernels by the number of rows, and a time-embedding layer's [B, K] input would otherwise give
+    rows that differ in the last bits between a batch of 3 and one of 8. (Convolutions and the
+    native ops compute each sample alike in batches of two or more.) Used with ``per_image_seeds``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.linear, torch._C._nn.linear) and args and args[0].dim() >= 2:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            rows = x.reshape(x.shape[0], -1, x.shape[-1])
+            out = torch.bmm(rows, weight.t().expand(x.shape[0], *weight.t().shape))
+            out = out.reshape(*x.shape[:-1], weight.shape[0])
+            return out if bias is None else out + bias
+        return func(*args, **kwargs)
+
+
+def noise_per_batch(kind: str, seed: Optional[int], generator: Optional[torch.Generator], per_image_seeds: bool,
+                    first_index: int, chw, device: torch.device) -> Callable[[int], NoiseSource]:
+    """``noise(start)``: the noise source of the batch starting at image ``start`` of a
+    :func:`sample` call: one source shared by all batches, or with ``per_image_seeds`` a
+    per-image source of images ``first_index + start`` on."""
+    if not isinstance(per_image_seeds, bool):
+        raise TypeError(f"per_image_seeds: expected a bool, got {type(per_image_seeds).__name__}")
+    if not per_image_seeds:
+        if first_index != 0:
+            raise ValueError(f"first_index: numbers images of a per_image_seeds run; got {first_index!r} "
+                             f"without per_image_seeds=True")
+        shared = NoiseSource.resolve(kind, seed=seed, generator=generator, device=device)
+        return lambda start: shared
+    if generator is not None:
+        raise ValueError("generator: per_image_seeds derives one stream per image from seed=; pass seed instead")
+    seed = resolve_seed(seed)
+    NoiseSource.per_image(kind, seed, first_index, chw, device)  # its argument checks, before any work
+    return lambda start: NoiseSource.per_image(kind, seed, first_index + start, chw, device)
+
+
 def positive_int(name: str, value) -> int:
     """``value`` if it is a positive int, else a ValueError naming ``name``."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -108,7 +147,8 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
            steps: Optional[int] = None, sampler: str = "ddpm", variance: str = "fixed_large",
            clip: Union[bool, float] = True, eta: float = 0.0, ddim_direction: str = "rederived",
            seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-           noise_source: str = "generator", device="cpu", batch_size: Optional[int] = None,
+           noise_source: str = "generator", per_image_seeds: bool = False, first_index: int = 0,
+           device="cpu", batch_size: Optional[int] = None,
            shape: Optional[Sequence[int]] = None, progress: bool = True, callback: Optional[Callable] = None,
            options: Optional[SpeedOptions] = None, reuse: bool = True, **speed) -> torch.Tensor:
     """Generate ``n`` images in [-1, 1], shaped ``[n, C, H, W]``, on ``device``.
@@ -125,6 +165,15 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
     noise_source: ``"generator"`` (``torch.randn`` from the generator: the reference sampler's
         draws, equal results in float32) or ``"philox"`` (drawn inside the step kernel from a
         Philox state seeded by ``seed``; needed by ``cuda_graph``, faster on the CPU).
+    per_image_seeds: give image ``i`` its own noise stream derived from ``(seed, i)`` (x_T and
+        every step's), so each image is the same whatever the batch size, the batch order or the
+        number of processes sharing the run (:mod:`fastddpm.sampling.noise` defines both
+        sources' streams); with it, images ``[first_index, first_index + n)`` of the run are
+        made (a shard of a bigger run). Off by default: the default ``"generator"`` draws stay
+        those of :func:`fastddpm.reference_sample` (one ``torch.randn`` per step for the whole
+        batch), and seeds given before keep giving the same images; per-image generator noise
+        also costs ``batch_size`` small draws a step (per-image Philox costs nothing). The
+        ``fastddpm sample --out-dir`` command always uses it.
     batch_size: images per forward pass (default: all ``n`` at once; on a GPU, halved until a
         batch fits in memory).
     shape: ``(C, H, W)``; needed only for a model that is not a fastddpm UNet.
@@ -150,12 +199,16 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
     chw = image_shape(ddpm, shape)
     if options.cuda_graph and noise_source != "philox":
         raise ValueError("noise_source: cuda_graph=True needs noise_source='philox' (drawn inside the captured step)")
-    noise = NoiseSource.resolve(noise_source, seed=seed, generator=generator, device=device)
+    batch_noise = noise_per_batch(noise_source, seed, generator, per_image_seeds, first_index, chw, device)
 
     def run(start: int, size: int) -> torch.Tensor:
-        sampler_ = prepared_sampler(ddpm, schedule, method, (size, *chw), device=device, options=options,
+        # per-image: a lone image runs in a batch of two (the next index's image, dropped), since
+        # CPU convolutions compute a batch of one with other kernels than larger batches
+        padded = 2 if per_image_seeds and size == 1 else size
+        sampler_ = prepared_sampler(ddpm, schedule, method, (padded, *chw), device=device, options=options,
                                     reuse=reuse)
-        return sampler_.run(noise, callback=callback, progress=progress)
+        return sampler_.run(batch_noise(start), callback=callback, progress=progress)[:size]
 
-    with eval_mode(ddpm.model):
+    invariant = BatchInvariant() if per_image_seeds else contextlib.nullcontext()
+    with eval_mode(ddpm.model), invariant:
         return in_batches(run, n, batch_size)

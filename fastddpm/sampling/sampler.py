@@ -230,10 +230,13 @@ class Sampler:
 
         if not hasattr(self, "_index"):
             self._index = torch.zeros(1, dtype=torch.int64, device=self.device)
-            self._graph_rng = PhiloxState(0, device=self.device)
+            # with a base (per-image seeds) whatever the caller's state: one set of graphs serves both
+            self._graph_rng = PhiloxState(0, device=self.device, base=0)
             self._pool = torch.cuda.graph_pool_handle()
         # the graphs read and advance their own state tensor: load the caller's into it, and back
-        self._graph_rng.tensor.copy_(rng.tensor)
+        given = rng.tensor.numel()
+        self._graph_rng.tensor[given:].zero_()  # a state without a base draws from number 0
+        self._graph_rng.tensor[:given].copy_(rng.tensor)
         self._index.fill_(start)
         blocks = self._blocks(start, stop)
         hook_key = id(step_hook) if step_hook is not None else 0  # a graph captures its hook ...
@@ -245,4 +248,4 @@ class Sampler:
             for length, noisy in blocks:
                 self._graphs[(length, noisy, hook_key)].replay()
                 bar.update(length)
-        rng.tensor.copy_(self._graph_rng.tensor)
+        rng.tensor.copy_(self._graph_rng.tensor[:given])

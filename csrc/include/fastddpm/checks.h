@@ -60,18 +60,28 @@ inline void check_noise_source(const at::Tensor& x, const c10::optional<at::Tens
     return;
   }
   TORCH_CHECK_VALUE(rng_state.has_value(), "rng_state: required (int64 [seed, offset]) when noise is None");
-  TORCH_CHECK_VALUE(rng_state->scalar_type() == at::kLong && rng_state->numel() == 2,
-                    "rng_state: expected an int64 tensor of 2 elements [seed, offset], got ",
+  TORCH_CHECK_VALUE(rng_state->scalar_type() == at::kLong && (rng_state->numel() == 2 || rng_state->numel() == 3),
+                    "rng_state: expected an int64 tensor [seed, offset] or [seed, offset, base], got ",
                     rng_state->scalar_type(), " ", rng_state->sizes());
   TORCH_CHECK_VALUE(rng_state->device() == x.device(), "rng_state: expected device ", x.device(), ", got ",
                     rng_state->device());
 }
 
-// (seed, offset) from a CPU rng_state, or (0, 0) when there is none.
-inline std::pair<uint64_t, uint64_t> read_rng_state(const c10::optional<at::Tensor>& rng_state) {
-  if (!rng_state.has_value() || !rng_state->device().is_cpu()) return {0, 0};
+// The stream a kernel draws: element i of the tensor is number base + i of stream (seed, offset).
+// base (0 when rng_state has 2 elements) is where a batch starts in a longer run's stream, so a
+// sample's noise does not depend on the batch it is drawn in (per-image seeds; a multiple of 4,
+// which fastddpm.ops.PhiloxState checks, so Philox blocks stay whole on the GPU).
+struct RngStream {
+  uint64_t seed, offset;
+  int64_t base;
+};
+
+// The stream of a CPU rng_state, or (0, 0, 0) when there is none.
+inline RngStream read_rng_state(const c10::optional<at::Tensor>& rng_state) {
+  if (!rng_state.has_value() || !rng_state->device().is_cpu()) return {0, 0, 0};
   const at::Tensor s = rng_state->contiguous();
-  return {static_cast<uint64_t>(s.data_ptr<int64_t>()[0]), static_cast<uint64_t>(s.data_ptr<int64_t>()[1])};
+  const int64_t* p = s.data_ptr<int64_t>();
+  return {static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1]), s.numel() == 3 ? p[2] : 0};
 }
 
 inline void check_clip(c10::optional<double> clip) {

@@ -95,11 +95,14 @@ def _normal_pair(a, b):
 
 
 @triton.jit
-def normal_tile(state_ptr, start, BLOCK: tl.constexpr):
+def normal_tile(state_ptr, start, BLOCK: tl.constexpr, HAS_BASE: tl.constexpr):
     """Normals for the flat indices ``start + arange(BLOCK)`` (``start`` a multiple of 4) of the
-    stream ``(seed, offset) = state_ptr[0:2]``: element i is lane i % 4 of Philox block i // 4."""
+    stream ``(seed, offset) = state_ptr[0:2]``: element i is lane i % 4 of Philox block i // 4,
+    counted from ``base = state_ptr[2]`` (a multiple of 4) when the state has one (HAS_BASE)."""
     seed = tl.load(state_ptr)
     offset = tl.load(state_ptr + 1)
+    if HAS_BASE:
+        start = start + tl.load(state_ptr + 2)
     block = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
     zero = tl.zeros([BLOCK // 4], dtype=tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, (block & 0xFFFFFFFF).to(tl.uint32), (block >> 32).to(tl.uint32),

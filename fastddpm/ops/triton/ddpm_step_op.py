@@ -21,7 +21,8 @@ from .common import ELEMENTWISE_SPACE, configs, dense_like, load_timestep, norma
 @triton.autotune(configs=configs(ELEMENTWISE_SPACE), key=["numel", "DRAW"], restore_value=["out_ptr"])
 @triton.jit
 def _ddpm_step_kernel(x_ptr, m_ptr, t_ptr, t_stride, T, coeffs_ptr, noise_ptr, state_ptr, out_ptr, clip,
-                      numel, per_sample, DRAW: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+                      numel, per_sample, DRAW: tl.constexpr, HAS_BASE: tl.constexpr, CLIP: tl.constexpr,
+                      BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -35,7 +36,7 @@ def _ddpm_step_kernel(x_ptr, m_ptr, t_ptr, t_stride, T, coeffs_ptr, noise_ptr, s
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if DRAW:
-        z = normal_tile(state_ptr, start, BLOCK)
+        z = normal_tile(state_ptr, start, BLOCK, HAS_BASE)
     else:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x0 = p * x - q * m
@@ -52,7 +53,8 @@ def _launch(x, model_out, t, coeffs, noise, rng_state, clip, out):
     if numel:
         wrap_triton(_ddpm_step_kernel)[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
             x, model_out, t, t.stride(0), coeffs.shape[0], coeffs, noise, rng_state if draw else t, out,
-            0.0 if clip is None else float(clip), numel, numel // x.shape[0], DRAW=draw, CLIP=clip is not None)
+            0.0 if clip is None else float(clip), numel, numel // x.shape[0], DRAW=draw,
+            HAS_BASE=draw and rng_state.numel() == 3, CLIP=clip is not None)
 
 
 @triton_op("fastddpm_triton::ddpm_step", mutates_args={})

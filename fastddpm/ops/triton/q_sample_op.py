@@ -16,7 +16,7 @@ from .common import ELEMENTWISE_SPACE, configs, dense_like, load_timestep, norma
 @triton.autotune(configs=configs(ELEMENTWISE_SPACE), key=["numel", "DRAW"])
 @triton.jit
 def _q_sample_kernel(x0_ptr, t_ptr, t_stride, T, table_ptr, noise_ptr, state_ptr, xt_ptr, drawn_ptr,
-                     numel, per_sample, DRAW: tl.constexpr, BLOCK: tl.constexpr):
+                     numel, per_sample, DRAW: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -25,7 +25,7 @@ def _q_sample_kernel(x0_ptr, t_ptr, t_stride, T, table_ptr, noise_ptr, state_ptr
     b = tl.load(table_ptr + step * 2 + 1, mask=mask, other=0.0)
     x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if DRAW:
-        z = normal_tile(state_ptr, start, BLOCK)
+        z = normal_tile(state_ptr, start, BLOCK, HAS_BASE)
         tl.store(drawn_ptr + offs, z, mask=mask)
     else:
         z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -46,5 +46,5 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise: Opti
     if numel:
         wrap_triton(_q_sample_kernel)[lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)](
             x0, t, t.stride(0), table.shape[0], table, noise, state, xt, drawn if draw else xt, numel,
-            numel // x0.shape[0], DRAW=draw)
+            numel // x0.shape[0], DRAW=draw, HAS_BASE=draw and rng_state.numel() == 3)
     return xt, drawn
