@@ -172,6 +172,10 @@ def test_the_step_loop_never_reads_the_device(tiny_unet, short_schedule, monkeyp
     x_T = torch.randn(2, 1, 8, 8)
     counter = _SyncCounter(monkeypatch)
     sampler.run(x_T=x_T, **args)
+    # one read per run, after the loop: the count of non-finite images (report_nonfinite)
+    assert counter.calls == ["__int__"]
+    counter.calls.clear()
+    sampler.run(x_T=x_T, stop=3, **args)  # a segment (RePaint) is not checked: nothing read at all
     assert counter.calls == []
 
 
