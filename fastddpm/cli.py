@@ -61,7 +61,7 @@ def cmd_sample(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("error", NonFiniteWarning)  # NaN images are an error here, not a PNG of gray
         x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
-                   clip=not args.no_clip, eta=args.eta, seed=args.seed, device=args.device,
+                   clip=args.clip, eta=args.eta, seed=args.seed, device=args.device,
                    batch_size=args.batch_size, progress=not args.quiet, noise_source=args.noise_source,
                    options=options, reuse=False)
     save_grid(x, args.out, scale=args.scale)
@@ -83,7 +83,7 @@ def _sample_to_folder(args, options, start: float) -> int:
         raise ValueError("--npy: not used with --out-dir (use --format npy or both)")
     layout = sharded.Layout(args.out_dir, args.n, args.shard_size, args.format)
     settings = dict(model=args.model, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
-                    eta=args.eta, variance=args.variance, clip=not args.no_clip, noise_source=args.noise_source,
+                    eta=args.eta, variance=args.variance, clip=args.clip, noise_source=args.noise_source,
                     dtype=args.dtype, format=args.format, shard_size=args.shard_size, per_image_seeds=True)
     distributed.init(args.device)
     try:
@@ -91,7 +91,7 @@ def _sample_to_folder(args, options, start: float) -> int:
 
         def draw(first: int, count: int) -> torch.Tensor:
             return sample(args.model, count, steps=args.steps, sampler=args.sampler, variance=args.variance,
-                          clip=not args.no_clip, eta=args.eta, seed=args.seed, device=device,
+                          clip=args.clip, eta=args.eta, seed=args.seed, device=device,
                           batch_size=args.batch_size, progress=False, noise_source=args.noise_source,
                           per_image_seeds=True, first_index=first, options=options)
 
@@ -103,8 +103,7 @@ def _sample_to_folder(args, options, start: float) -> int:
                   f"{args.n} images in {len(files)} files (manifest: {sharded.MANIFEST}) after "
                   f"{time.monotonic() - start:.1f} s")
     finally:
-        if distributed.initialized():
-            torch.distributed.destroy_process_group()
+        distributed.shutdown()
     return 0
 
 
@@ -235,10 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--npy", type=npy_file, default=None,
                    help="also save the raw samples as .npy")
     s.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: all T)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None,
+                   help="default: the model's (ddpm; a diffusers folder's scheduler)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale")
-    s.add_argument("--variance", choices=["fixed_large", "fixed_small"], default="fixed_large")
-    s.add_argument("--no-clip", action="store_true", help="do not clip predicted x0 to [-1, 1]")
+    s.add_argument("--variance", choices=["fixed_large", "fixed_small"], default=None,
+                   help="default: the model's (fixed_large; a diffusers folder's scheduler)")
+    s.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip predicted x0 to [-1, 1] (default: the model's: yes; a diffusers folder's scheduler)")
     s.add_argument("--seed", type=non_negative_int, default=0)
     s.add_argument("--batch-size", type=positive_int, default=None)
     s.add_argument("--scale", type=positive_int, default=2, help="pixel upscaling of the PNG")

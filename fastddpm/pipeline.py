@@ -41,6 +41,11 @@ class DDPM:
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {self.prediction!r}")
 
+    def sampler_defaults(self) -> dict:
+        """The :func:`fastddpm.sample` keywords this model samples with unless told otherwise:
+        ancestral DDPM, fixed_large variance, x0 clipped (a diffusers folder's: its scheduler's)."""
+        return {"sampler": "ddpm", "variance": "fixed_large", "clip": True}
+
     @property
     def image_shape(self):
         """``(C, H, W)`` of the images the model generates, when it is a UNet."""

@@ -241,3 +241,16 @@ def test_exported_folder_gives_fastddpm_samples_in_ddpm_pipeline(tmp_path):
     assert back.schedule.config == ddpm.schedule.config
     for k, v in model.state_dict().items():
         assert torch.equal(back.model.state_dict()[k], v), k
+
+
+def test_sample_of_a_folder_defaults_to_its_schedulers_settings(unet, tmp_path):
+    """A folder whose scheduler says fixed_small without clipping samples that way unless told
+    otherwise (fastddpm.sample and the command leave sampler / variance / clip to the model)."""
+    make_pipe(unet, variance_type="fixed_small", clip_sample=False).save_pretrained(tmp_path / "pipe")
+    ddpm = fastddpm.load(str(tmp_path / "pipe"))
+    assert ddpm.sampler_defaults() == {"sampler": "ddpm", "variance": "fixed_small", "clip": False}
+    run = dict(steps=5, seed=0, progress=False)
+    default = fastddpm.sample(ddpm, 2, **run)
+    torch.testing.assert_close(default, fastddpm.sample(ddpm, 2, variance="fixed_small", clip=False, **run),
+                               rtol=0, atol=0)
+    assert not torch.equal(default, fastddpm.sample(ddpm, 2, variance="fixed_large", clip=True, **run))

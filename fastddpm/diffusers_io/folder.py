@@ -49,6 +49,10 @@ class DiffusersDDPM(DDPM):
 
     scheduler: Optional[SchedulerSettings] = None
 
+    def sampler_defaults(self) -> dict:
+        """The folder's scheduler as :func:`fastddpm.sample` keywords (its sampler, variance, clip)."""
+        return self.scheduler.sampler_defaults() if self.scheduler is not None else super().sampler_defaults()
+
     def pipeline(self, **speed) -> FastPipeline:
         """The folder's pipeline call on the fast sampler (:class:`FastPipeline`; speed keywords as
         :func:`fastddpm.sample` takes them)."""

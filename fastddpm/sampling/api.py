@@ -144,8 +144,8 @@ def positive_int(name: str, value) -> int:
 
 
 def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist", n: int = 16, *,
-           steps: Optional[int] = None, sampler: str = "ddpm", variance: str = "fixed_large",
-           clip: Union[bool, float] = True, eta: float = 0.0, ddim_direction: str = "rederived",
+           steps: Optional[int] = None, sampler: Optional[str] = None, variance: Optional[str] = None,
+           clip: Union[bool, float, None] = None, eta: float = 0.0, ddim_direction: str = "rederived",
            seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
            noise_source: str = "generator", per_image_seeds: bool = False, first_index: int = 0,
            device="cpu", batch_size: Optional[int] = None,
@@ -160,7 +160,10 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
     sampler: ``"ddpm"`` (ancestral, Algorithm 2) or ``"ddim"`` (``eta`` in [0, 1];
         ``ddim_direction``: ``"rederived"`` from the clipped x0, or ``"model"`` as diffusers does).
     variance: ``"fixed_large"`` (beta_t; the paper's CIFAR-10 choice) or ``"fixed_small"``.
-    clip: clip the predicted x0 to [-1, 1] (or to [-clip, clip] for a float).
+    clip: clip the predicted x0 to [-1, 1] (or to [-clip, clip] for a float; False: no clipping).
+        ``sampler``, ``variance`` and ``clip`` left as None are the model's
+        (:meth:`DDPM.sampler_defaults`: ``"ddpm"``, ``"fixed_large"``, True; a diffusers folder's
+        are its scheduler's).
     seed / generator: reproducibility; a given ``generator`` is used as is (and advanced).
     noise_source: ``"generator"`` (``torch.randn`` from the generator: the reference sampler's
         draws, equal results in float32) or ``"philox"`` (drawn inside the step kernel from a
@@ -190,10 +193,12 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
         fastddpm.save_grid(x, "samples.png")
     """
     options = SpeedOptions.from_arguments(options, **speed)
-    method = SamplingMethod(sampler, variance, clip, eta, ddim_direction, steps)
     positive_int("n", n)
     device = resolve_device(device)
     ddpm = resolve_ddpm(model_or_path, device, reuse)
+    given = {"sampler": sampler, "variance": variance, "clip": clip}
+    method = SamplingMethod(**{**ddpm.sampler_defaults(), **{k: v for k, v in given.items() if v is not None}},
+                            eta=eta, ddim_direction=ddim_direction, steps=steps)
     schedule = method.schedule(ddpm.schedule)
     batch_size = positive_int("batch_size", n if batch_size is None else batch_size)
     chw = image_shape(ddpm, shape)
