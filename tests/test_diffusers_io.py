@@ -21,7 +21,7 @@ import fastddpm  # noqa: E402
 from fastddpm.diffusers_io import (accelerate, export_diffusers, full_schedule, inference_timesteps,  # noqa: E402
                                    load_pipeline, scheduler_settings)
 
-ATOL = 5e-5  # measured: at most ~2e-5 over these cases
+ATOL = 1e-4  # measured max over these cases: 2.8e-5 with 1 CPU thread, 5.6e-5 with 2 (other GEMM rounding)
 SCHEDULERS = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler}
 PIPELINES = {"ddpm": diffusers.DDPMPipeline, "ddim": diffusers.DDIMPipeline}
 
