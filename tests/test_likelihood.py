@@ -261,8 +261,9 @@ def test_cli_bpd_prints_one_line(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--n", "0"], "n: expected an int in [1, 5000]"),
-    (["--n", "2", "--batch-t", "0"], "batch_t: expected a positive int"),
+    (["--n", "0"], "--n: expected a positive integer"),
+    (["--n", "6000"], "n: expected an int in [1, 5000]"),
+    (["--n", "2", "--batch-t", "0"], "--batch-t: expected a positive integer"),
     (["--n", "2", "--cuda-graph"], "cuda_graph"),
 ])
 def test_cli_bpd_errors_are_one_line_with_exit_code_2(capsys, argv, message):
