@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -26,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed
+from . import checks, distributed
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .data import check_finite, load_dataset
 from .diffusion import training_loss
@@ -45,25 +44,6 @@ FLUSH_EVERY = 1024
 class NonFiniteError(ValueError):
     """Training produced a NaN or infinite loss, gradient or weight. Nothing is saved after it:
     the checkpoint on disk keeps the last finite weights."""
-
-
-def _int_field(name: str, value, low: int, high: Optional[int] = None) -> int:
-    """``value`` as an int in ``[low, high)``, else a TypeError / ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value >= high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name}: expected an int {bounds}, got {value!r}")
-    return int(value)
-
-
-def _finite_float(name: str, value) -> float:
-    """``value`` as a finite float, else a TypeError / ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -91,19 +71,19 @@ class TrainConfig:
     on_nonfinite: str = "stop"
 
     def __post_init__(self):
-        self.batch_size = _int_field("batch_size", self.batch_size, 1)
-        self.sample_steps = _int_field("sample_steps", self.sample_steps, 1)
+        self.batch_size = checks.integer("batch_size", self.batch_size, 1)
+        self.sample_steps = checks.integer("sample_steps", self.sample_steps, 1)
         for name in ("warmup", "sample_every", "checkpoint_every", "log_every"):
-            setattr(self, name, _int_field(name, getattr(self, name), 0))
+            setattr(self, name, checks.integer(name, getattr(self, name), 0))
         # the per-step generators are seeded with seed * 1_000_003 + step, which must fit 64 bits
-        self.seed = _int_field("seed", self.seed, 0, 2 ** 32)
-        self.lr = _finite_float("lr", self.lr)
+        self.seed = checks.integer("seed", self.seed, 0, 2 ** 32)
+        self.lr = checks.finite_float("lr", self.lr)
         if self.lr <= 0:
             raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
-        self.grad_clip = _finite_float("grad_clip", 0.0 if self.grad_clip is None else self.grad_clip)
+        self.grad_clip = checks.finite_float("grad_clip", 0.0 if self.grad_clip is None else self.grad_clip)
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip: expected a non-negative number (0: no clipping), got {self.grad_clip!r}")
-        self.ema_decay = _finite_float("ema_decay", self.ema_decay)
+        self.ema_decay = checks.finite_float("ema_decay", self.ema_decay)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay: expected a float in [0, 1), got {self.ema_decay!r}")
         if self.amp not in (None, *AMP_DTYPES):

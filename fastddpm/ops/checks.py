@@ -13,21 +13,15 @@ C++ checks of csrc/include/fastddpm/checks.h raise the same classes (``TORCH_CHE
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Sequence
 
 import torch
 
+from ..checks import choice, integer, positive_float, real, type_name  # noqa: F401  (the ops use them as checks.*)
+
 # The dtypes every backend computes in (float8 types are floating point too, but no kernel takes them).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_NAMES = "float16, bfloat16, float32 or float64"
-
-
-def type_name(v) -> str:
-    """The name of ``v``'s type, module-qualified unless it is a builtin ("numpy.ndarray", "list")."""
-    cls = type(v)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def tensor(name: str, v) -> torch.Tensor:
@@ -82,37 +76,6 @@ def writable(name: str, y: Optional[torch.Tensor]) -> None:
     if y is not None and any(s == 0 and n > 1 for s, n in zip(y.stride(), y.shape)):
         raise ValueError(f"{name}: expected a tensor whose elements do not share memory, got strides "
                          f"{y.stride()} for shape {tuple(y.shape)}")
-
-
-def real(name: str, v) -> float:
-    """``v`` as a float; it must be a real number (an int or a float, not a bool)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name}: expected a float, got {type_name(v)}")
-    return float(v)
-
-
-def positive_float(name: str, v, finite: bool = True) -> float:
-    """``v`` as a float > 0 (and finite if ``finite``; never NaN)."""
-    f = real(name, v)
-    if not (f > 0 and (math.isfinite(f) or not finite)):
-        raise ValueError(f"{name}: expected a {'finite ' if finite else ''}float > 0, got {v!r}")
-    return f
-
-
-def integer(name: str, v, low: int = 0, high: Optional[int] = None) -> int:
-    """``v``, an int (not a bool) in ``[low, high)`` (``high`` None: unbounded)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type_name(v)}")
-    if v < low or (high is not None and v >= high):
-        bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high})"
-        raise ValueError(f"{name}: expected {bound}, got {v!r}")
-    return int(v)
-
-
-def choice(name: str, v, choices: Sequence) -> None:
-    """``v`` is one of ``choices`` (compared by equality; a value of another type is just not one)."""
-    if not any(v is c or (type(v) is type(c) and v == c) for c in choices):
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {v!r}")
 
 
 def device(name: str, v) -> torch.device:

@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
-from ..ops import PhiloxState, checks
+from .. import checks
+from ..ops import PhiloxState
 from ..schedule import Schedule
 from ..utils import resolve_device
 from .noise import NoiseSource, PhiloxNoise
