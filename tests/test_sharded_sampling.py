@@ -51,7 +51,8 @@ def test_two_ranks_write_the_images_of_one_process(tmp_path, checkpoint, source)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "fastddpm.cli",
                           *_args(checkpoint, two, "--format", "npy", "--batch-size", "3", "--noise-source", source)],
-                         env=env, capture_output=True, text=True, timeout=120)
+                         env=env, capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)  # not the checkout: "-m fastddpm.cli" would import its sources, maybe unbuilt
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(os.listdir(two)) == sorted(os.listdir(one)) == \
         ["manifest.json", "run.json", "shard_000000-000003.npy", "shard_000004-000007.npy"]
