@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,25 +46,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _sample_arguments(args, options) -> dict:
+    """The :func:`fastddpm.sample` keywords the ``sample`` flags give (both the grid and --out-dir)."""
+    return dict(steps=args.steps, sampler=args.sampler, variance=args.variance, clip=args.clip, eta=args.eta,
+                seed=args.seed, batch_size=args.batch_size, noise_source=args.noise_source, options=options)
+
+
+@contextlib.contextmanager
+def _nan_is_an_error():
+    """A block in which NaN images are an error of the command (exit 2), not a PNG of gray."""
+    from .sampling import NonFiniteWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NonFiniteWarning)
+        yield
+
+
 def cmd_sample(args) -> int:
     """Sample images into a PNG grid (and optionally a .npy array), or with ``--out-dir`` into
     files named by image index, sharded over the ranks of a torchrun job (fastddpm/sharded.py)."""
     import numpy as np
 
     from .images import save_grid
-    from .sampling import NonFiniteWarning, SpeedOptions, sample
+    from .sampling import SpeedOptions, sample
 
     _threads(args.threads)
     start = time.monotonic()
     options = SpeedOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SpeedOptions)})
     if args.out_dir is not None:
         return _sample_to_folder(args, options, start)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", NonFiniteWarning)  # NaN images are an error here, not a PNG of gray
-        x = sample(args.model, args.n, steps=args.steps, sampler=args.sampler, variance=args.variance,
-                   clip=args.clip, eta=args.eta, seed=args.seed, device=args.device,
-                   batch_size=args.batch_size, progress=not args.quiet, noise_source=args.noise_source,
-                   options=options, reuse=False)
+    with _nan_is_an_error():
+        x = sample(args.model, args.n, device=args.device, progress=not args.quiet, reuse=False,
+                   **_sample_arguments(args, options))
     save_grid(x, args.out, scale=args.scale)
     if args.npy:
         np.save(args.npy, x.cpu().numpy())
@@ -77,7 +91,7 @@ def _sample_to_folder(args, options, start: float) -> int:
     import torch
 
     from . import distributed, sharded
-    from .sampling import NonFiniteWarning, sample
+    from .sampling import sample
 
     if args.npy is not None:
         raise ValueError("--npy: not used with --out-dir (use --format npy or both)")
@@ -90,13 +104,10 @@ def _sample_to_folder(args, options, start: float) -> int:
         device = distributed.rank_device(args.device)
 
         def draw(first: int, count: int) -> torch.Tensor:
-            return sample(args.model, count, steps=args.steps, sampler=args.sampler, variance=args.variance,
-                          clip=args.clip, eta=args.eta, seed=args.seed, device=device,
-                          batch_size=args.batch_size, progress=False, noise_source=args.noise_source,
-                          per_image_seeds=True, first_index=first, options=options)
+            return sample(args.model, count, device=device, progress=False, per_image_seeds=True,
+                          first_index=first, **_sample_arguments(args, options))
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", NonFiniteWarning)
+        with _nan_is_an_error():
             sampled, files = sharded.sample_to_folder(layout, settings, draw, progress=not args.quiet)
         if distributed.is_main():
             print(f"rank 0 of {distributed.world_size()} sampled {sampled} images; {args.out_dir} holds the "
