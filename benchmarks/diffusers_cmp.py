@@ -1,23 +1,35 @@
 """The "diffusers" section: what users run today — diffusers' ``DDPMPipeline`` (a ``UNet2DModel``,
 randomly initialised: nothing is downloaded, and a ``DDPMScheduler``, fixed_large, clip_sample) —
-against ``fastddpm.accelerate(pipe)`` on the same weights and the same generator, for two configs:
+against fastddpm on the same weights, for two configs:
 
 * google/ddpm-cifar10-32 (the paper's CIFAR-10 U-Net, 32 px);
 * the 128 px model of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``
   (six levels, diffusers' default time embedding and multi-head attention).
 
-Each pair is timed interleaved in one run (pipe, accelerated, pipe, accelerated, ...), first both
-eager in float32 (where the images must agree to rounding), then each at its best on this
-machine: the pipeline with ``torch.compile`` on its U-Net, channels_last, and bf16 autocast where
-the device has bf16 arithmetic; the accelerated call with fastddpm's ``compile`` (and ``freeze``
-on the CPU), channels_last and bf16 under the same condition. A config the converter does not
-support yet is reported as skipped, with the reason. diffusers is an optional dependency
-(``pip install .[bench]``)."""
+Three contenders run interleaved in rounds (pipe, accelerated, sample(), pipe, ...), so the
+machine's drift falls on all alike: the pipeline; ``fastddpm.accelerate(pipe)`` (the pipeline's
+call and generator draws, so its images are compared); and ``fastddpm.sample()`` on the same
+converted weights, called afresh each round as a user calls it (the per-call view: its prepared
+sampler is found again in the cache). Each contender's first call (conversion, compilation) is
+timed on its own, and ``calls`` whole calls are totalled: what a user pays for ten pipeline calls
+against ten ``sample()`` calls. The settings, per precision:
+
+* eager fp32 on both sides, where the images must agree to float32 rounding;
+* each at its best in fp32: the pipeline's U-Net under ``torch.compile`` in channels_last (with
+  Inductor's weight freezing on the CPU, as Intel's guides advise for inference), fastddpm with
+  ``compile`` (and ``freeze`` on the CPU);
+* each at its best in bf16 where the device has bf16 arithmetic (a CUDA GPU, a CPU with
+  ``avx512_bf16`` or AMX): the compiled pipeline under bf16 autocast, fastddpm in bf16.
+
+A config the converter does not support yet is reported as unsupported, with the reason. diffusers
+is an optional dependency (``pip install .[bench]``)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List
+import json
+import time
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -69,52 +81,89 @@ def make_pipe(config: dict, device: torch.device):
     return pipe
 
 
-def tune_pipe(pipe, device: torch.device, bf16: bool):
-    """The pipeline at its best here: channels_last, torch.compile'd U-Net; returns the autocast
-    context its calls run in (bf16 where native, else none)."""
+def tune_pipe(pipe, device: torch.device):
+    """The pipeline at its best here: channels_last and a ``torch.compile``'d U-Net (weights frozen
+    into the graph on the CPU). The compiled U-Net serves fp32 and, under autocast, bf16 calls."""
     pipe.unet.to(memory_format=torch.channels_last)
-    pipe.unet = torch.compile(pipe.unet)
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    pipe.unet = torch.compile(pipe.unet, options={"freezing": True} if device.type == "cpu" else None)
 
 
-def compare_case(name: str, config: dict, batch: int, steps: int, device: torch.device, rounds: int,
-                 best: bool) -> List[Dict]:
-    """Rows for one config: eager fp32 against eager fp32, then each at its best."""
-    pipe = make_pipe(config, device)
-    bf16 = bf16_available(device)
-    eager = fastddpm.accelerate(pipe)
-    fast_best = fastddpm.accelerate(pipe, compile=True, freeze=device.type == "cpu",
-                                    dtype="bfloat16" if bf16 else "float32")  # converted before the pipe is tuned
-
-    def call(fn, context=contextlib.nullcontext):
-        with context():
-            return fn(batch_size=batch, generator=torch.Generator(device).manual_seed(0), num_inference_steps=steps,
-                      output_type="np").images
-
-    rows = []
-    pairs = [("eager fp32", lambda: call(pipe), lambda: call(eager))]
+def settings(device: torch.device, best: bool) -> List[Tuple[str, Dict, Callable]]:
+    """(label, fastddpm's speed options, the pipeline's call context) for each setting compared."""
+    cpu = device.type == "cpu"
+    rows = [("eager fp32", {}, contextlib.nullcontext)]
     if best:
-        reference = call(pipe)  # the eager pipeline's images, before it is tuned
-        context = tune_pipe(pipe, device, bf16)
-        label = "best (compile, channels_last" + (", bf16)" if bf16 else ", fp32: no native bf16)")
-        pairs.append((label, lambda: call(pipe, context), lambda: call(fast_best)))
-    for label, theirs, ours in pairs:
-        theirs_x, ours_x = theirs(), ours()  # warm-up (compiles), and the images compared
-        diff = float(abs(theirs_x - ours_x).max())
-        if label == "eager fp32" and diff > EAGER_TOLERANCE:
-            raise AssertionError(f"diffusers comparison: {name}: accelerate(pipe) differs from DDPMPipeline by {diff}")
-        stats = interleaved_rounds({"pipe": theirs, "fast": ours}, device, rounds)
-        row = dict(name=f"{name} batch {batch}, {steps} steps: {label}", ref_s=stats["pipe"]["median"],
-                   fast_s=stats["fast"]["median"], fast_min_s=stats["fast"]["min"], fast_max_s=stats["fast"]["max"],
-                   speedup=stats["pipe"]["median"] / stats["fast"]["median"], max_diff=diff)
-        if label != "eager fp32":
-            row["max_diff_vs_eager_pipe"] = float(abs(ours_x - reference).max())
-        rows.append(row)
+        rows.append(("best fp32 (compiled, channels_last" + (", frozen)" if cpu else ")"),
+                     dict(compile=True, freeze=cpu), contextlib.nullcontext))
+        if bf16_available(device):
+            rows.append(("best bf16 (compiled, channels_last" + (", frozen" if cpu else "") + ", bf16)",
+                         dict(compile=True, freeze=cpu, dtype="bfloat16"),
+                         lambda: torch.autocast(device.type, dtype=torch.bfloat16)))
     return rows
 
 
-def run(device="cpu", quick=False, rounds=3) -> Dict:
-    """Time DDPMPipeline against accelerate(pipe) for each config (see the module docstring)."""
+def _first_call(fn) -> Tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def compare_case(name: str, config: dict, batch: int, steps: int, device: torch.device, rounds: int,
+                 best: bool, calls: int) -> List[Dict]:
+    """Rows for one config: each setting of :func:`settings`, its three contenders interleaved;
+    ``calls`` whole calls of each in the best settings (their first call included), ``rounds`` in
+    the eager one."""
+    pipe = make_pipe(config, device)
+    ddpm = fastddpm.DDPM(fastddpm.models.unet_from_diffusers(pipe.unet), fastddpm.Schedule.linear())
+    reference = None
+    rows = []
+    for label, options, context in settings(device, best):
+        fast = fastddpm.accelerate(pipe, **options)
+        if label != "eager fp32" and not hasattr(pipe.unet, "_orig_mod"):  # not compiled yet
+            tune_pipe(pipe, device)
+
+        def theirs(context=context):
+            with context():
+                return pipe(batch_size=batch, generator=torch.Generator(device).manual_seed(0),
+                            num_inference_steps=steps, output_type="np").images
+
+        def ours(fast=fast):
+            return fast(batch_size=batch, generator=torch.Generator(device).manual_seed(0),
+                        num_inference_steps=steps, output_type="np").images
+
+        def sample(options=options):
+            return fastddpm.sample(ddpm, batch, steps=steps, seed=0, device=device, progress=False, **options)
+
+        firsts = {}
+        firsts["pipe"], theirs_x = _first_call(theirs)
+        firsts["fast"], ours_x = _first_call(ours)
+        firsts["sample"], _ = _first_call(sample)
+        if reference is None:
+            reference = theirs_x  # the eager pipeline's images
+        diff = float(abs(theirs_x - ours_x).max())
+        if label == "eager fp32" and diff > EAGER_TOLERANCE:
+            raise AssertionError(f"diffusers comparison: {name}: accelerate(pipe) differs from DDPMPipeline by {diff}")
+        n_rounds = rounds if label == "eager fp32" else max(calls - 1, 1)
+        stats = interleaved_rounds({"pipe": theirs, "fast": ours, "sample": sample}, device, n_rounds)
+        row = dict(name=f"{name} batch {batch}, {steps} steps: {label}", ref_s=stats["pipe"]["median"],
+                   fast_s=stats["fast"]["median"], fast_min_s=stats["fast"]["min"], fast_max_s=stats["fast"]["max"],
+                   sample_s=stats["sample"]["median"], speedup=stats["pipe"]["median"] / stats["fast"]["median"],
+                   sample_speedup=stats["pipe"]["median"] / stats["sample"]["median"], max_diff=diff,
+                   calls=n_rounds + 1, steps=steps, batch=batch,
+                   **{f"{k}_first_s": v for k, v in firsts.items()},
+                   **{f"{k}_calls_total_s": firsts[k] + stats[k]["total"] for k in firsts})
+        if label != "eager fp32":  # how far each side's fast settings move its images from the eager pipe's
+            row["max_diff_vs_eager_pipe"] = float(abs(ours_x - reference).max())
+            row["pipe_diff_vs_eager_pipe"] = float(abs(theirs_x - reference).max())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    fastddpm.sampling.clear_cache()
+    return rows
+
+
+def run(device="cpu", quick=False, rounds=3, calls: int = 10) -> Dict:
+    """Time DDPMPipeline against fastddpm for each config (see the module docstring); ``calls``:
+    whole calls of each contender in the best settings."""
     import diffusers
 
     device = torch.device(device)
@@ -122,7 +171,8 @@ def run(device="cpu", quick=False, rounds=3) -> Dict:
     for name, config, cpu_size, gpu_size in (QUICK_CASES if quick else CASES):
         batch, steps = cpu_size if device.type == "cpu" else gpu_size
         try:
-            rows += compare_case(name, config, batch, steps, device, rounds, best=not quick)
+            rows += compare_case(name, config, batch, steps, device, rounds, best=not quick,
+                                 calls=2 if quick else calls)
         except ValueError as e:  # the converter does not support this architecture (yet): say which field
             unsupported.append(f"{name}: {e}")
     return dict(device=str(device), diffusers=diffusers.__version__, rounds=rounds, rows=rows,
@@ -130,12 +180,26 @@ def run(device="cpu", quick=False, rounds=3) -> Dict:
 
 
 def markdown(result: Dict) -> str:
-    """The rows as a markdown table (and the configs skipped, with their reasons)."""
+    """The rows as two markdown tables (per call; first call and whole runs of calls), and the
+    configs not supported, with their reasons."""
     lines = [f"diffusers {result['diffusers']}; images compared in [0, 1]; DDPMPipeline against "
-             f"fastddpm.accelerate(pipe), same weights and generator, interleaved", "",
-             "| case | DDPMPipeline | accelerate(pipe) | speed-up | max abs diff |", "|---|---:|---:|---:|---:|"]
+             f"fastddpm.accelerate(pipe) and fastddpm.sample() on the same weights, interleaved; medians of "
+             f"repeated calls", "",
+             "| case | DDPMPipeline | accelerate(pipe) | speed-up | sample() | speed-up | max abs diff |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['name']} | {r['ref_s']:.2f} s | {r['fast_s']:.2f} s | {r['speedup']:.2f}x | "
-                     f"{r['max_diff']:.1e} |")
+                     f"{r['sample_s']:.2f} s | {r['sample_speedup']:.2f}x | {r['max_diff']:.1e} |")
+    lines += ["", "Per call, as a user meets it: the first call (conversion, compilation) and the total of "
+              "the first and the repeated calls", "",
+              "| case | calls | DDPMPipeline first / total | accelerate(pipe) first / total | "
+              "sample() first / total | total speed-up, sample() |", "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if "pipe_first_s" not in r:
+            continue
+        lines.append(f"| {r['name']} | {r['calls']} | {r['pipe_first_s']:.1f} / {r['pipe_calls_total_s']:.1f} s | "
+                     f"{r['fast_first_s']:.1f} / {r['fast_calls_total_s']:.1f} s | {r['sample_first_s']:.1f} / "
+                     f"{r['sample_calls_total_s']:.1f} s | "
+                     f"{r['pipe_calls_total_s'] / r['sample_calls_total_s']:.2f}x |")
     lines += [f"\nnot supported, skipped: {s}" for s in result.get("unsupported", [])]
     return "\n".join(lines)

@@ -116,10 +116,11 @@ def time_rounds(fn: Callable[[], object], device, rounds: int) -> Tuple[Dict[str
 def interleaved_rounds(fns: Dict[str, Callable[[], object]], device, rounds: int) -> Dict[str, Dict[str, float]]:
     """Like :func:`time_rounds` for several jobs at once, run in turn within each round (A B C, A B C,
     ...), so drift on a shared machine (its bandwidth, its clock, glibc's thresholds) falls on
-    every job alike; returns ``{name: {"median", "min", "max"}}``."""
+    every job alike; returns ``{name: {"median", "min", "max", "total"}}`` (total: the sum of its rounds)."""
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(time_rounds(fn, device, 1)[0]["median"])
-    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in times.items()}
+    return {name: {"median": statistics.median(v), "min": min(v), "max": max(v), "total": sum(v)}
+            for name, v in times.items()}
 

@@ -61,7 +61,12 @@ def test_diffusers_pipeline_comparison(benchmark, quick):
 
     benchmark.group = "diffusers"
     result = benchmark.pedantic(lambda: diffusers_cmp.run(quick=quick), rounds=1, iterations=1)
-    assert result["rows"] and all(r["max_diff"] < 1e-3 for r in result["rows"])
+    assert result["rows"]
+    for r in result["rows"]:
+        if r["name"].endswith("eager fp32"):
+            assert r["max_diff"] < 1e-3, r
+        else:  # compiled / bf16: fastddpm's images move from the eager pipe's no more than the pipe's own do
+            assert r["max_diff_vs_eager_pipe"] <= 2 * r["pipe_diff_vs_eager_pipe"] + 1e-2, r
 
 
 @pytest.mark.parametrize("path", ["sample() call", "prepared sampler run"])

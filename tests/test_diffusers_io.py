@@ -127,6 +127,17 @@ def test_accelerated_pipeline_equals_the_pipeline(unet, kind, scheduler, call):
         assert abs(ours - theirs).max() < ATOL, (steps, abs(ours - theirs).max())
 
 
+def test_accelerate_reads_through_a_compiled_unet(unet):
+    """Users compile pipe.unet; converting it must read the wrapped module's weights (torch.compile's
+    wrapper prefixes every state-dict key), without compiling anything."""
+    pipe = make_pipe(unet, "ddpm", variance_type="fixed_large")
+    plain = accelerate(pipe)
+    pipe.unet = torch.compile(pipe.unet)
+    compiled = accelerate(pipe)
+    for a, b in zip(plain.model.state_dict().values(), compiled.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_accelerated_output_types_and_generator_state(unet):
     pipe = make_pipe(unet, "ddpm", variance_type="fixed_large")
     fast = accelerate(pipe)

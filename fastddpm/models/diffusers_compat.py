@@ -283,7 +283,8 @@ def to_diffusers_state_dict(model_or_state, config: UNetConfig) -> Tensors:
 
 def unet_from_diffusers(unet) -> UNet:
     """A fastddpm :class:`UNet` (float32) with the weights of diffusers ``UNet2DModel`` ``unet``
-    (same outputs)."""
+    (same outputs); a ``torch.compile``'d U-Net is read through to the module it wraps."""
+    unet = getattr(unet, "_orig_mod", unet)  # torch.compile's OptimizedModule prefixes every key
     config = config_from_diffusers(unet.config)
     state = {k: v.detach().float() for k, v in unet.state_dict().items()}
     model = UNet(config)
