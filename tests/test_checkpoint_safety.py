@@ -23,6 +23,9 @@ import fastddpm
 from fastddpm import DDPM, PRESETS, CheckpointError, Schedule, ScheduleConfig, UNet, UNetConfig, load, save
 from fastddpm import checkpoint
 from fastddpm.checkpoint import read_checkpoint, recover_checkpoint, remove_abandoned_temporaries
+# Patches go where a name is looked up: save_file / load_file in fastddpm.checkpoint (the save and
+# load orchestration), _exchange / _HOST in its swap module.
+from fastddpm.checkpoint import swap, validate
 
 TINY = UNetConfig(resolution=8, in_channels=1, out_channels=1, ch=8, ch_mult=(1, 2), num_res_blocks=1,
                   attn_resolutions=(), dropout=0.0, groups=4)
@@ -60,8 +63,8 @@ def _assert_intact(path, step):
 def test_the_swap_is_one_atomic_exchange_where_the_system_offers_it(tmp_path, monkeypatch):
     path = _save(tmp_path / "ck", 1)
     calls = []
-    real = checkpoint._exchange
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: calls.append(real(a, b)) or calls[-1])
+    real = swap._exchange
+    monkeypatch.setattr(swap, "_exchange", lambda a, b: calls.append(real(a, b)) or calls[-1])
     _save(path, 2)
     if not calls[0]:
         pytest.skip("renameat2(RENAME_EXCHANGE) is not available here; the fallback is tested below")
@@ -74,7 +77,7 @@ def test_a_failed_exchange_keeps_the_previous_checkpoint_and_raises(tmp_path, mo
     def no_space(a, b):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_exchange", no_space)
+    monkeypatch.setattr(swap, "_exchange", no_space)
     with pytest.raises(OSError, match="No space left"):
         _save(path, 2)
     _assert_intact(path, 1)
@@ -82,7 +85,7 @@ def test_a_failed_exchange_keeps_the_previous_checkpoint_and_raises(tmp_path, mo
 
 def test_the_fallback_swap_replaces_the_checkpoint_with_two_renames(tmp_path, monkeypatch):
     path = _save(tmp_path / "ck", 1)
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(swap, "_exchange", lambda a, b: False)
     renames = []
     real = os.rename
     monkeypatch.setattr(os, "rename", lambda a, b: renames.append((a, b)) or real(a, b))
@@ -94,7 +97,7 @@ def test_the_fallback_swap_replaces_the_checkpoint_with_two_renames(tmp_path, mo
 
 def test_a_failed_second_rename_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     path = _save(tmp_path / "ck", 1)
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(swap, "_exchange", lambda a, b: False)
     real = os.rename
 
     def rename(a, b):
@@ -128,7 +131,7 @@ def _kill_self():
 
 
 def _die_between_the_fallback_renames():
-    checkpoint._exchange = lambda a, b: False
+    swap._exchange = lambda a, b: False
     real = os.rename
     os.rename = lambda a, b: _kill_self() if ".tmp-" in os.path.basename(a) else real(a, b)
 
@@ -138,8 +141,8 @@ def _write_and_die(path, moment):
     if moment == "between the fallback renames":
         _die_between_the_fallback_renames()
     elif moment == "after the exchange":
-        real = checkpoint._exchange
-        checkpoint._exchange = lambda a, b: real(a, b) and _kill_self()
+        real = swap._exchange
+        swap._exchange = lambda a, b: real(a, b) and _kill_self()
     else:  # while writing the files
         checkpoint.save_file = lambda *args, **kwargs: _kill_self()
     _save(path, 2)
@@ -156,7 +159,7 @@ def _exchange_works(folder):
     a, b = os.path.join(folder, "probe-a"), os.path.join(folder, "probe-b")
     os.mkdir(a)
     os.mkdir(b)
-    return checkpoint._exchange(a, b)
+    return swap._exchange(a, b)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +224,7 @@ def test_a_save_after_a_killed_swap_first_puts_the_checkpoint_back(tmp_path, for
     def no_space(a, b):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_exchange", no_space)
+    monkeypatch.setattr(swap, "_exchange", no_space)
     with pytest.warns(RuntimeWarning, match="step 2"), pytest.raises(OSError, match="No space left"):
         _save(path, 3)  # fails, but only after the recovered checkpoint is back in place
     monkeypatch.undo()
@@ -231,7 +234,7 @@ def test_a_save_after_a_killed_swap_first_puts_the_checkpoint_back(tmp_path, for
 def _train_until_killed(out, resume, fallback):
     """Child: train a tiny model forever, checkpointing every step."""
     if fallback:
-        checkpoint._exchange = lambda a, b: False
+        swap._exchange = lambda a, b: False
     torch.set_num_threads(1)
     images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     settings = {} if resume else dict(batch_size=4, warmup=0, checkpoint_every=1, log_every=0)
@@ -283,7 +286,7 @@ def test_twenty_random_sigkills_of_a_training_run_never_lose_the_checkpoint(tmp_
 # ---------------------------------------------------------------------------- leftovers
 def test_only_dead_writers_leftovers_of_this_host_are_removed(tmp_path):
     path = _save(tmp_path / "ck", 1)
-    host = checkpoint._HOST
+    host = swap._HOST
     live = f"ck.tmp-{host}-{os.getppid()}-aaaaaaaa"
     dead = f"ck.old-{host}-{_dead_pid()}-bbbbbbbb"
     foreign = f"ck.tmp-{host}x-{_dead_pid()}-cccccccc"
@@ -295,7 +298,7 @@ def test_only_dead_writers_leftovers_of_this_host_are_removed(tmp_path):
 
 
 def test_recovery_takes_the_newest_complete_sibling(tmp_path):
-    host = checkpoint._HOST
+    host = swap._HOST
     for step, suffix in ((3, "a"), (5, "b"), (9, "c")):
         os.rename(_save(tmp_path / "x", step), tmp_path / f"ck.old-{host}-{_dead_pid()}-{suffix}")
     newest_broken = next(tmp_path.glob("ck.old-*-c")) / "model.safetensors"
@@ -307,7 +310,7 @@ def test_recovery_takes_the_newest_complete_sibling(tmp_path):
 
 
 def test_a_running_writers_complete_temporary_is_not_recovered(tmp_path):
-    os.rename(_save(tmp_path / "x", 4), tmp_path / f"ck.tmp-{checkpoint._HOST}-{os.getppid()}-a")
+    os.rename(_save(tmp_path / "x", 4), tmp_path / f"ck.tmp-{swap._HOST}-{os.getppid()}-a")
     assert recover_checkpoint(str(tmp_path / "ck")) is None
     with pytest.raises(CheckpointError, match="does not exist"):
         load(str(tmp_path / "ck"))
@@ -407,7 +410,7 @@ def _rewrite_safetensors(path, edit, length=None):
     raw = json.dumps(header).encode()
     with open(fp, "wb") as f:
         f.write(struct.pack("<Q", len(raw) if length is None else length) + raw + data[8 + n:])
-    _edit_config(path, lambda c: c["files"].update({"model.safetensors": checkpoint._sha256(fp)}))
+    _edit_config(path, lambda c: c["files"].update({"model.safetensors": validate._sha256(fp)}))
 
 
 def _rename_tensor(header):
