@@ -69,3 +69,12 @@ def test_philox_state_base_is_whole_blocks():
         PhiloxState(1, base=6)
     with pytest.raises(ValueError, match="^shape"):
         NoiseSource.per_image("philox", 1, 0, (3, 5, 5))
+
+
+def test_batch_invariance_is_computed_on_the_cpu_only():
+    # on CUDA cuDNN/cuBLAS choose by batch size anyway: there only the noise is per image (docs/distributed.md)
+    from fastddpm.sampling.api import batch_invariant_here
+
+    assert batch_invariant_here(True, torch.device("cpu"))
+    assert not batch_invariant_here(True, torch.device("cuda"))
+    assert not batch_invariant_here(False, torch.device("cpu"))

@@ -100,3 +100,24 @@ def test_sample_on_cuda_by_name(model):
     b = sample(DDPM(model, schedule), 2, device="cuda", generator=torch.Generator("cuda").manual_seed(0),
                progress=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("source", ["generator", "philox"])
+def test_per_image_seeds_on_cuda_skip_the_batch_invariant_mode(model, source, monkeypatch):
+    """On CUDA, per-image runs promise the same noise, not bit-equal images (docs/distributed.md),
+    so they neither enter BatchInvariant nor pad a lone image; images agree to float rounding."""
+    from fastddpm import DDPM, sample
+    from fastddpm.sampling import api
+
+    def refuse():
+        raise AssertionError("BatchInvariant entered on CUDA")
+
+    monkeypatch.setattr(api, "BatchInvariant", refuse)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # differences of algorithm, not of TF32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ddpm = DDPM(model, Schedule.linear(T=20, beta_start=1e-3, beta_end=0.2))
+    run = dict(seed=3, per_image_seeds=True, noise_source=source, device="cuda", progress=False)
+    whole = sample(ddpm, 8, batch_size=8, **run)
+    torch.testing.assert_close(sample(ddpm, 8, batch_size=3, **run), whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sample(ddpm, 1, first_index=2, **run), whole[2:3], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(whole[0], whole[1])

@@ -102,7 +102,8 @@ class BatchInvariant(torch.overrides.TorchFunctionMode):
     image's model output does not depend on how many images share its batch: CPU GEMMs pick their
     kernels by the number of rows, and a time-embedding layer's [B, K] input would otherwise give
     rows that differ in the last bits between a batch of 3 and one of 8. (Convolutions and the
-    native ops compute each sample alike in batches of two or more.) Used with ``per_image_seeds``."""
+    native ops compute each sample alike in batches of two or more.) Used with ``per_image_seeds``
+    on the CPU only (:func:`batch_invariant_here`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
@@ -114,6 +115,14 @@ class BatchInvariant(torch.overrides.TorchFunctionMode):
             out = out.reshape(*x.shape[:-1], weight.shape[0])
             return out if bias is None else out + bias
         return func(*args, **kwargs)
+
+
+def batch_invariant_here(per_image_seeds: bool, device: torch.device) -> bool:
+    """Whether a run computes each image independently of its batch (:class:`BatchInvariant`, and a
+    lone image run in a batch of two): per-image runs on the CPU. On CUDA, cuDNN and cuBLAS may pick
+    other algorithms for other batch sizes whatever the Python side does, so there bit-equality
+    across batch compositions is not promised (docs/distributed.md) and the extra work is skipped."""
+    return per_image_seeds and device.type == "cpu"
 
 
 def noise_per_batch(kind: str, seed: Optional[int], generator: Optional[torch.Generator], per_image_seeds: bool,
@@ -206,14 +215,15 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
         raise ValueError("noise_source: cuda_graph=True needs noise_source='philox' (drawn inside the captured step)")
     batch_noise = noise_per_batch(noise_source, seed, generator, per_image_seeds, first_index, chw, device)
 
+    invariant = batch_invariant_here(per_image_seeds, device)
+
     def run(start: int, size: int) -> torch.Tensor:
-        # per-image: a lone image runs in a batch of two (the next index's image, dropped), since
-        # CPU convolutions compute a batch of one with other kernels than larger batches
-        padded = 2 if per_image_seeds and size == 1 else size
+        # per-image on the CPU: a lone image runs in a batch of two (the next index's image,
+        # dropped), since CPU convolutions compute a batch of one with other kernels than larger batches
+        padded = 2 if invariant and size == 1 else size
         sampler_ = prepared_sampler(ddpm, schedule, method, (padded, *chw), device=device, options=options,
                                     reuse=reuse)
         return sampler_.run(batch_noise(start), callback=callback, progress=progress)[:size]
 
-    invariant = BatchInvariant() if per_image_seeds else contextlib.nullcontext()
-    with eval_mode(ddpm.model), invariant:
+    with eval_mode(ddpm.model), BatchInvariant() if invariant else contextlib.nullcontext():
         return in_batches(run, n, batch_size)
