@@ -39,7 +39,11 @@ class SpeedOptions:
             the sampler warns.
         channels_last: run the model on channels_last tensors (a given ``nn.Module`` is converted
             in place, as ``model.to(memory_format=...)`` does). On by default: faster on both devices.
-        compile: ``torch.compile`` the model: ``True`` or a mode (``"max-autotune"``, ...).
+        compile: ``torch.compile`` the model: ``True`` or a mode, ``"default"``, ``"reduce-overhead"``,
+            ``"max-autotune"`` (autotuned convolution/GEMM templates: a longer compile) or
+            ``"max-autotune-no-cudagraphs"``. With ``cuda_graph`` the sampler's own graphs replace
+            Inductor's: ``"reduce-overhead"`` then compiles as ``"default"`` and ``"max-autotune"``
+            as ``"max-autotune-no-cudagraphs"``.
         freeze: with ``compile``, fold the weights into the compiled model (Inductor's freezing):
             on the CPU oneDNN then gets prepacked weights and fused bias/SiLU/residual adds, and bf16
             weights are cast once. The price: a compile Inductor cannot cache, and a snapshot of the

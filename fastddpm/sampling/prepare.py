@@ -29,6 +29,17 @@ def _compile_frozen(gm: torch.fx.GraphModule, example_inputs) -> Callable:
     return compile_fx(gm, example_inputs)
 
 
+def compile_mode(options: SpeedOptions) -> Optional[str]:
+    """The ``mode`` handed to ``torch.compile`` for ``options.compile`` (None: Inductor's default).
+    Under ``cuda_graph`` the sampler's graphs capture the whole step, so no Inductor cudagraphs may
+    nest inside: ``"reduce-overhead"`` (cudagraphs only) becomes the default mode and
+    ``"max-autotune"`` keeps its autotuned convolution/GEMM templates without cudagraphs."""
+    mode = None if options.compile in (True, "default") else options.compile
+    if options.cuda_graph:
+        mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return mode
+
+
 def winograd_applies(model, device: torch.device, options: SpeedOptions) -> bool:
     """Whether ``options.winograd`` is on for ``model`` on ``device``: asked for (True) or by
     default (None) where it applies — an ``nn.Module`` run on the CPU in float32 with the native
@@ -82,9 +93,7 @@ class PreparedModel:
             model = model.to(memory_format=torch.channels_last)
         if options.compile is False:
             return model
-        mode = None if options.compile in (True, "default") else options.compile
-        if options.cuda_graph:  # the sampler's graphs capture the whole step: no cudagraphs nested inside
-            mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+        mode = compile_mode(options)
         inductor = dict(CPU_INDUCTOR_CONFIG) if mode is None and self.device.type == "cpu" else {}
         if options.freeze:
             # Freezing must be on while dynamo traces, which torch.compile(options=...) is too late
