@@ -13,18 +13,21 @@
 # docs/gpu.md; [its own limit]), in the order they run:
 #   build       ~50 s [150]  the extension for sm_90 (33-49 s in the earlier runs)
 #   new-tests   ~20 s [60]   the GPU tests added since the last GPU run (per-image seeds on CUDA)
-#   fast-256    ~150 s [120 + 150]  cifar10, 256 images x 1000 steps, bf16, channels_last, Philox,
-#                            CUDA graphs, torch.compile: default mode with graphs of 1 and of 20 steps,
-#                            then max-autotune (its GEMM/conv templates, no cudagraphs) with graphs of 1
-#   latency-1   ~45 s [75]   cifar10 batch 1, 200 steps: ms a step eager, with CUDA graphs (fp32, bf16),
-#                            compiled with CUDA graphs; the eager U-Net forward with each op backend
+#   fast-256    ~95 s [130]  cifar10, 256 images x 1000 steps, bf16, channels_last, Philox, CUDA graphs,
+#                            torch.compile default mode: graphs of 1 step (compile ~20 s, capture, a
+#                            first and a timed run of ~11 s), of 20 steps (the compiled model reused);
+#                            the eager forward at batch 256 with each op backend's group norm
+#               ~120 s [150] then max-autotune (its conv/GEMM templates; no cudagraphs inside the
+#                            sampler's graphs), graphs of 1 step: its autotuning is the least known part
+#   latency-1   ~55 s [75]   cifar10 batch 1, 200 steps: ms a step eager, with CUDA graphs (fp32, bf16),
+#                            compiled with CUDA graphs; the eager forward with each op backend
 #   train       ~60 s [90]   the benchmark suite's train section on CUDA
-#   diffusers   ~190 s [150 + 120]  the suite's diffusers section on CUDA (eager, then both at their
-#                            best: compile + channels_last + bf16), the cifar10 case, then the 128 px one
+#   diffusers   ~115 s [150] the suite's diffusers section on CUDA, its cifar10 case (batch 64, 1000
+#                            steps): eager, then both at their best (compile + channels_last + bf16)
 # about 9 minutes in all, with the environment and the summary. Other phases, by name or with "all"
 # (no budget then; each phase keeps its own limit; over 10 minutes together): op-tests [130],
-# sampler-tests [100], op-bench [150], sampler-bench [SAMPLER_BENCH_LIMIT, 300],
-# sharded-sampling (needs 2 GPUs).
+# sampler-tests [100], op-bench [150], sampler-bench [SAMPLER_BENCH_LIMIT, 300], diffusers-128
+# (~70 s [120]: the diffusers section's 128 px case), sharded-sampling (needs 2 GPUs).
 # A dry run of the new phases' scripts on a CPU (tiny sizes, no build, no CUDA graphs):
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh fast-256,latency-1,train,diffusers
 set -uo pipefail
@@ -32,6 +35,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 DEFAULT_PHASES=build,new-tests,fast-256,latency-1,train,diffusers
 ALL_PHASES=build,op-tests,sampler-tests,op-bench,sampler-bench,sharded-sampling,fast-256,latency-1,train,diffusers
+ALL_PHASES+=,diffusers-128
 case ${1:-default} in
   default) WHAT=$DEFAULT_PHASES; BUDGET=${GPU_CHECK_BUDGET:-570} ;;
   all) WHAT=$ALL_PHASES; BUDGET=${GPU_CHECK_BUDGET:-100000} ;;
@@ -69,7 +73,8 @@ run_phase() {
     rc=${PIPESTATUS[0]}
     (( rc == 124 )) && rc="124 (cut at its limit)"
   fi
-  printf '| %s | %s s | %s s | %s |\n' "$name" "$limit" "$(( $(date +%s) - start ))" "$rc" >>"$OUT/phases.md"
+  [[ $rc == skipped ]] && limit=- || limit="$limit s"
+  printf '| %s | %s | %s s | %s |\n' "$name" "$limit" "$(( $(date +%s) - start ))" "$rc" >>"$OUT/phases.md"
 }
 
 {
@@ -131,10 +136,10 @@ TINY_FLAG=${TINY:+--tiny}
 if has fast-256; then
   # default mode first (graphs of 20 steps reuse its compiled model); max-autotune, whose autotuning
   # takes longest and is least predictable, in a process of its own with its own limit
-  run_phase "fast-256 (default mode)" 120 "$OUT/fast-256.txt" "$PY" -m benchmarks.gpu_fast fast-256 \
+  run_phase "fast-256 (default mode)" 130 "$OUT/fast-256.txt" "$PY" -m benchmarks.gpu_fast fast-256 \
     --device "$DEVICE" $TINY_FLAG --variants default:1,default:20 --out "$OUT"
   run_phase "fast-256 (max-autotune)" 150 "$OUT/fast-256.txt" "$PY" -m benchmarks.gpu_fast fast-256 \
-    --device "$DEVICE" $TINY_FLAG --variants max-autotune:1 --out "$OUT"
+    --device "$DEVICE" $TINY_FLAG --variants max-autotune:1 --no-eager-forward --out "$OUT"
 fi
 if has latency-1; then
   run_phase latency-1 75 "$OUT/latency-1.txt" "$PY" -m benchmarks.gpu_fast latency-1 --device "$DEVICE" $TINY_FLAG \
@@ -148,13 +153,18 @@ if has train; then
       grep '^|' "$OUT/train/bench.md"; } >"$OUT/train.md"
   fi
 fi
+# the suite's diffusers cases, one process each (a limit that cuts one keeps the other's rows)
+diffusers_case() {
+  run_phase "$1 ($2)" "$3" "$OUT/diffusers.txt" "$PY" -m benchmarks.gpu_diffusers --case "$2" --device "$DEVICE" \
+    --out "$OUT"
+}
 if has diffusers; then
-  if [[ -n $TINY ]]; then cases=("quick config"); else cases=("ddpm-cifar10-32" "train_unconditional 128 px"); fi
-  limits=(150 120)
-  for i in "${!cases[@]}"; do
-    run_phase "diffusers (${cases[$i]})" "${limits[$i]}" "$OUT/diffusers.txt" "$PY" -m benchmarks.gpu_diffusers \
-      --case "${cases[$i]}" --device "$DEVICE" --out "$OUT"
-  done
+  dcase=ddpm-cifar10-32
+  [[ -n $TINY ]] && dcase="quick config"
+  diffusers_case diffusers "$dcase" 150
+fi
+if has diffusers-128; then
+  diffusers_case diffusers-128 "train_unconditional 128 px" 120
 fi
 
 step summary
@@ -167,7 +177,8 @@ step summary
   echo
   grep -h -E '^(native|triton):' "$OUT/build.txt" 2>/dev/null | sed 's/^/- /'
   for log in tests_new tests_ops tests_sampler; do
-    [[ -f $OUT/$log.txt ]] && echo "- $log: $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/$log.txt" | tail -n 1)"
+    [[ -f $OUT/$log.txt ]] && echo "- $log: $(grep -E '(passed|failed|error|skipped|deselected)' "$OUT/$log.txt" \
+      | tail -n 1)"
   done
   for part in fast-256 latency-1 train diffusers; do
     [[ -f $OUT/$part.md ]] && { echo; cat "$OUT/$part.md"; }

@@ -3,10 +3,12 @@
 * ``fast-256``: the cifar10 U-Net (random weights), 256 images x 1000 steps in bf16, channels_last,
   in-kernel Philox noise, CUDA graphs and torch.compile, for each ``--variants`` entry
   ``MODE:GRAPH_STEPS`` (a ``SpeedOptions.compile`` mode and ``graph_steps``): the first run
-  (compile, capture, 1000 steps) and a timed run; images/s and the U-Net's TFLOP/s.
+  (compile, capture, 1000 steps) and a timed run; images/s and the U-Net's TFLOP/s. Then the eager
+  forward at batch 256 with each op backend (``--no-eager-forward``: not).
 * ``latency-1``: batch 1, 200 steps: per-step latency eager, with CUDA graphs (fp32, bf16), compiled
   with CUDA graphs; and the eager U-Net forward with each op backend's group norm (the measurement
-  that decides whether the native CUDA group norm is still needed eagerly; docs/gpu.md).
+  that decides whether the native CUDA group norm is still needed eagerly; docs/gpu.md). At
+  batch 1 kernel launches dominate, at batch 256 (``fast-256``) the kernels themselves.
 
 Each result is printed as a JSON line and appended to ``OUT/PHASE.jsonl`` as soon as it is measured,
 and ``OUT/PHASE.md`` is rewritten from all of them, so a run cut short by its time limit still
@@ -93,8 +95,27 @@ def _wall(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def fast_256(device: torch.device, tiny: bool, variants: List[Tuple[object, int]], report: Report) -> None:
-    """Each variant: a prepared Sampler's first run (compile, capture, the steps) and a timed run."""
+def eager_forward_by_backend(model, shape, device: torch.device, dtype: torch.dtype, channels_last: bool,
+                             report: Report) -> None:
+    """The eager U-Net forward with each op backend that runs on ``device``: on CUDA the group norm is
+    what differs (Triton's launch path against the native kernel, and torch's own ops), the
+    measurement behind ``ops.CUDA_PREFERENCE["eager"]`` (docs/gpu.md)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+    t = torch.full((shape[0],), 500, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    label = f"batch {shape[0]}, {str(dtype).replace('torch.', '')}" + (", channels_last" if channels_last else "")
+    for backend in [b for b in ops.available_backends() if ops.BACKENDS[b].runs_on(device)]:
+        with torch.no_grad(), autocast, ops.use_backend(backend):
+            s = measure(lambda: model(x, t), rounds=5, warmup=2, device=device)["median"]
+        report.add(dict(name=f"eager U-Net forward, {label}, {backend} ops", forward_ms=1e3 * s, backend=backend,
+                        text=f"eager U-Net forward, {label}, with the {backend} ops: {1e3 * s:.2f} ms"))
+
+
+def fast_256(device: torch.device, tiny: bool, variants: List[Tuple[object, int]], report: Report,
+             eager_forward: bool = True) -> None:
+    """Each variant: a prepared Sampler's first run (compile, capture, the steps) and a timed run;
+    then, with ``eager_forward``, the eager forward at this batch per op backend."""
     preset, batch, steps = SIZES["fast-256"]["tiny" if tiny else "full"]
     graphs = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
@@ -118,6 +139,8 @@ def fast_256(device: torch.device, tiny: bool, variants: List[Tuple[object, int]
                              f"{batch / timed:.1f} images/s, {flops / timed / 1e12:.1f} TFLOP/s at "
                              f"{flops / batch / steps / 1e9:.2f} GFLOP an image-step); first run {first:.1f} s"))
         del sampler
+    if eager_forward:  # the samplers have made the model channels_last
+        eager_forward_by_backend(model, shape, device, torch.bfloat16, True, report)
 
 
 def latency_1(device: torch.device, tiny: bool, report: Report) -> None:
@@ -129,27 +152,20 @@ def latency_1(device: torch.device, tiny: bool, report: Report) -> None:
     coeffs = schedule.table("step", device, sampler="ddpm", variance="fixed_large")
     shape = (batch, model.config.in_channels, model.config.resolution, model.config.resolution)
 
-    def row(label: str, **options) -> None:
+    def row(label: str, runs: int = 3, **options) -> None:
         sampler = Sampler(model, schedule, coeffs, shape, device=device, channels_last=False, **options)
         first = _wall(lambda: sampler.run(rng=PhiloxState(0, device=device)), device)
-        t = min(_wall(lambda: sampler.run(rng=PhiloxState(0, device=device)), device) for _ in range(3))
+        t = min(_wall(lambda: sampler.run(rng=PhiloxState(0, device=device)), device) for _ in range(runs))
         name = f"{preset} batch {batch}, {steps} steps, {label}"
         report.add(dict(name=name, ms_per_step=1e3 * t / steps, time_s=t, first_run_s=first,
-                        text=f"{name}: **{1e3 * t / steps:.2f} ms a step** (best of 3 runs of {t:.3f} s; "
+                        text=f"{name}: **{1e3 * t / steps:.2f} ms a step** (best of {runs} runs of {t:.3f} s; "
                              f"first run {first:.2f} s)"))
 
-    row("eager fp32")
+    row("eager fp32", runs=1)  # ~4 s a run on the GPU of docs/gpu.md: one timed run after the first
     if graphs:
         row("CUDA graphs of 1 step, fp32", cuda_graph=True)
         row("CUDA graphs of 1 step, bf16", cuda_graph=True, dtype="bfloat16")
-    # the eager forward with each backend's group norm (Triton's launch path against the native kernel)
-    x = torch.randn(shape, device=device)
-    t = torch.full((batch,), 500, device=device)
-    for backend in [b for b in ops.available_backends() if ops.BACKENDS[b].runs_on(device)]:
-        with torch.no_grad(), ops.use_backend(backend):
-            s = measure(lambda: model(x, t), rounds=5, warmup=2, device=device)["median"]
-        report.add(dict(name=f"{preset} batch {batch} eager U-Net forward, {backend} ops", forward_ms=1e3 * s,
-                        text=f"{preset} batch {batch}, eager U-Net forward with the {backend} ops: {1e3 * s:.2f} ms"))
+    eager_forward_by_backend(model, shape, device, torch.float32, False, report)
     if graphs:  # compiling comes last: a run cut short by its limit still has the rows above
         row("compiled (default mode), CUDA graphs of 1 step, fp32", cuda_graph=True, compile=True)
 
@@ -164,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="the digits preset, batch 2, 3 steps (a dry run)")
     p.add_argument("--variants", default="default:1,default:20",
                    help="fast-256: comma list of MODE:GRAPH_STEPS (MODE: eager, default, max-autotune, ...)")
+    p.add_argument("--eager-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="fast-256: also time the eager forward at its batch with each op backend")
     args = p.parse_args(argv)
     try:
         variants = parse_variants(args.variants)
@@ -172,7 +190,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.phase == "fast-256":
         report = Report(args.out, "fast-256", "## fast-256: 256 images x 1000 steps (the goal: under 10 s)")
-        fast_256(device, args.tiny, variants, report)
+        fast_256(device, args.tiny, variants, report, args.eager_forward)
     else:
         report = Report(args.out, "latency-1", "## latency-1: batch 1, per-step latency")
         latency_1(device, args.tiny, report)
