@@ -22,12 +22,14 @@
 #   latency-1   ~55 s [75]   cifar10 batch 1, 200 steps: ms a step eager, with CUDA graphs (fp32, bf16),
 #                            compiled with CUDA graphs; the eager forward with each op backend
 #   train       ~60 s [90]   the benchmark suite's train section on CUDA
-#   diffusers   ~115 s [150] the suite's diffusers section on CUDA, its cifar10 case (batch 64, 1000
-#                            steps): eager, then both at their best (compile + channels_last + bf16)
+#   diffusers   ~140 s [150] the suite's diffusers section on CUDA, its cifar10 case at batch 64 for 200
+#                            steps (the section's own: 1000), 2 calls a setting: DDPMPipeline against
+#                            accelerate(pipe) and sample(), eager fp32, then each at its best in fp32 and
+#                            in bf16 (compile + channels_last), 6 compiles in all
 # about 9 minutes in all, with the environment and the summary. Other phases, by name or with "all"
 # (no budget then; each phase keeps its own limit; over 10 minutes together): op-tests [130],
 # sampler-tests [100], op-bench [150], sampler-bench [SAMPLER_BENCH_LIMIT, 300], diffusers-128
-# (~70 s [120]: the diffusers section's 128 px case), sharded-sampling (needs 2 GPUs).
+# (~100 s [150]: the diffusers section's 128 px case, batch 16, 100 steps), sharded-sampling (2 GPUs).
 # A dry run of the new phases' scripts on a CPU (tiny sizes, no build, no CUDA graphs):
 #     GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh fast-256,latency-1,train,diffusers
 set -uo pipefail
@@ -153,18 +155,22 @@ if has train; then
       grep '^|' "$OUT/train/bench.md"; } >"$OUT/train.md"
   fi
 fi
-# the suite's diffusers cases, one process each (a limit that cuts one keeps the other's rows)
+# the suite's diffusers cases, one process each, with 2 whole calls a setting (the section's own run
+# makes 10); diffusers.md is written from the rows the runs printed, those of a run cut short too
 diffusers_case() {
   run_phase "$1 ($2)" "$3" "$OUT/diffusers.txt" "$PY" -m benchmarks.gpu_diffusers --case "$2" --device "$DEVICE" \
-    --out "$OUT"
+    "${@:4}"
+  "$PY" -m benchmarks.gpu_diffusers --from-log "$OUT/diffusers.txt" --out "$OUT"
 }
 if has diffusers; then
-  dcase=ddpm-cifar10-32
-  [[ -n $TINY ]] && dcase="quick config"
-  diffusers_case diffusers "$dcase" 150
+  if [[ -n $TINY ]]; then
+    diffusers_case diffusers "quick config" 150
+  else
+    diffusers_case diffusers ddpm-cifar10-32 150 --steps 200
+  fi
 fi
 if has diffusers-128; then
-  diffusers_case diffusers-128 "train_unconditional 128 px" 120
+  diffusers_case diffusers-128 "train_unconditional 128 px" 150
 fi
 
 step summary

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh and its phase scripts, dry-run on the CPU (tiny sizes, no CUDA graphs),
 so a GPU session — rare and short — never dies on a typo in the prepared script."""
 
+import json
 import os
 import subprocess
 import sys
@@ -60,3 +61,17 @@ def test_bad_variants_name_the_flag(tmp_path, variants):
     result = _run([sys.executable, "-m", "benchmarks.gpu_fast", "fast-256", "--variants", variants,
                    "--out", str(tmp_path)], tmp_path)
     assert result.returncode == 2 and "--variants: expected" in result.stderr
+
+
+def test_the_diffusers_summary_is_written_from_the_rows_a_run_printed(tmp_path):
+    # a run cut at its limit has printed the rows of the settings it finished, and nothing else
+    row = dict(name="ddpm-cifar10-32 batch 64, 200 steps: eager fp32", ref_s=3.0, fast_s=2.0, speedup=1.5,
+               sample_s=2.5, sample_speedup=1.2, max_diff=1e-6, pipe_first_s=4.0, fast_first_s=3.0, sample_first_s=3.5)
+    log = tmp_path / "diffusers.txt"
+    log.write_text("== diffusers\nsome warning\n" + json.dumps(row) + "\ndiffusers (x): skipped\n")
+    result = _run([sys.executable, "-m", "benchmarks.gpu_diffusers", "--from-log", str(log), "--out", str(tmp_path)],
+                  tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "diffusers.md").read_text()
+    assert "eager fp32: DDPMPipeline 3.00 s, accelerate(pipe) 2.00 s (**1.50x**), sample() 2.50 s (1.20x)" in text
+    assert text.count("\n- ") == 1
