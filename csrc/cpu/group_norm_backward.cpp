@@ -321,10 +321,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_act_backwa
     if (N > 0) (nhwc ? backward_nhwc<scalar_t, acc_t> : backward_nchw<scalar_t, acc_t>)(p, args);
   });
   // the per-sample partial sums reduced over the batch in a fixed order: deterministic
-  const auto empty = x.new_empty({0});
-  at::Tensor gw = weight ? sgx.sum(0).to(weight->scalar_type()) : empty;
-  at::Tensor gb = bias ? sg.sum(0).to(bias->scalar_type()) : empty;
-  at::Tensor gtemb = temb ? gt.to(temb->scalar_type()) : empty;
+  // (a fresh empty tensor for each None: a custom op's outputs may not alias one another)
+  at::Tensor gw = weight ? sgx.sum(0).to(weight->scalar_type()) : x.new_empty({0});
+  at::Tensor gb = bias ? sg.sum(0).to(bias->scalar_type()) : x.new_empty({0});
+  at::Tensor gtemb = temb ? gt.to(temb->scalar_type()) : x.new_empty({0});
   return {gx, gw, gb, gtemb};
 }
 

@@ -128,8 +128,8 @@ def group_norm_act_backward(grad: torch.Tensor, x: torch.Tensor, weight: Optiona
         wrap_triton(_gn_bwd_stats_kernel)[(N * C,)](x, grad, w, b, tb, mean, rstd, sg, sgx, C, S, groups, **flags)
         wrap_triton(_gn_bwd_apply_kernel)[(N * C,)](x, grad, w, b, tb, mean, rstd, sg, sgx, gx, gt, C, S, groups,
                                                     CPG_P2=triton.next_power_of_2(C // groups), **flags)
-    empty = x.new_empty(0)
-    gw = sgx.sum(0).to(weight.dtype) if weight is not None else empty
-    gb = sg.sum(0).to(bias.dtype) if bias is not None else empty
-    gtemb = gt.to(temb.dtype) if temb is not None else empty
+    # (a fresh empty tensor for each None: a custom op's outputs may not alias one another)
+    gw = sgx.sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    gb = sg.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    gtemb = gt.to(temb.dtype, copy=True) if temb is not None else x.new_empty(0)
     return gx, gw, gb, gtemb
