@@ -154,6 +154,19 @@ def _dropout_seed(seed: int, step: int, rank: int) -> int:
     return _step_seed(seed, step) + (rank << 53)
 
 
+def _philox_base(first_row: int, per_image: int) -> int:
+    """The Philox stream number of a rank's first noise value under ``noise="philox"``: its first
+    row of the global batch times the values per image. The kernels draw whole Philox blocks of 4
+    numbers, so it must be a multiple of 4 (any even-sided image; one process: always 0)."""
+    base = first_row * per_image
+    if base % 4:
+        raise ValueError(f"noise: 'philox' splits the global batch's draw over the processes in whole blocks of "
+                         f"4 values, but a rank's share starts at value {base} ({first_row} images of {per_image} "
+                         f"values); use noise='generator' or a batch whose share per process is a multiple of 4 "
+                         f"values")
+    return base
+
+
 class Trainer:
     """Trains a :class:`DDPM` on a tensor of images in [-1, 1], writing into ``out``.
 
@@ -180,6 +193,8 @@ class Trainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         _check_images(images, ddpm.image_shape, self.config.batch_size)
         _check_split(self.config.batch_size, self.world_size)
+        if self.config.noise == "philox":  # fails here, not at the first step
+            _philox_base(self.rank * (self.config.batch_size // self.world_size), math.prod(ddpm.image_shape))
         self.ddpm = ddpm
         self.model = ddpm.model.to(self.device)
         self.images = images.to(self.device)
@@ -240,9 +255,8 @@ class Trainer:
         bs = self.config.batch_size
         t = torch.randint(0, self.ddpm.schedule.T, (bs,), generator=g, device=self.device)
         if self.config.noise == "philox":
-            first_row = self.rank * (bs // self.world_size)
-            return self._share(t), PhiloxState(_step_seed(self.config.seed, self.step), device=self.device,
-                                               base=first_row * x0[0].numel())
+            base = _philox_base(self.rank * (bs // self.world_size), x0[0].numel())
+            return self._share(t), PhiloxState(_step_seed(self.config.seed, self.step), device=self.device, base=base)
         noise = torch.randn((bs, *x0.shape[1:]), generator=g, device=self.device, dtype=x0.dtype)
         return self._share(t), self._share(noise)
 
