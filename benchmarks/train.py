@@ -97,8 +97,8 @@ def variant_step(variant: Variant, preset: str = "cifar10", batch: int = 16, dev
     device = torch.device(device)
     module, eps_model = _model(variant, preset, device)
     opt = torch.optim.Adam(module.parameters(), lr=lr, fused=variant.fused_adam or None)
-    r = 32 if variant.library == "diffusers" else module.config.resolution
-    x0 = torch.randn(batch, 3, r, r, generator=torch.Generator().manual_seed(1)).to(device)
+    c, r = (3, 32) if variant.library == "diffusers" else (module.config.in_channels, module.config.resolution)
+    x0 = torch.randn(batch, c, r, r, generator=torch.Generator().manual_seed(1)).to(device)
     if variant.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     schedule = Schedule.linear()
@@ -141,19 +141,22 @@ def precisions(device: torch.device) -> List[bool]:
     return [False, True] if device.type == "cuda" or cpu_has_bf16_arithmetic() else [False]
 
 
-def compare_cifar10(device="cpu", rounds: int = 3, bf16: Optional[bool] = None, batch: int = 16) -> List[Dict]:
+def compare_cifar10(device="cpu", rounds: int = 3, bf16: Optional[bool] = None, batch: int = 16,
+                    timing: Callable = contextlib.nullcontext) -> List[Dict]:
     """Rows for the cifar10 preset: each precision's variants interleaved in rounds (medians),
-    speed-ups against diffusers' row of the same precision. ``bf16``: one precision only."""
+    speed-ups against diffusers' row of the same precision. ``bf16``: one precision only.
+    ``timing``: a context manager entered around the timed rounds only, after every variant has
+    been built and compiled (e.g. one that holds a shared machine alone)."""
     device = torch.device(device)
     rows = []
     for low in precisions(device) if bf16 is None else [bf16]:
         variants = cifar10_variants(low)
         steps = {}
         for v in variants:
-            torch._dynamo.reset()
             steps[v.label] = variant_step(v, batch=batch, device=device)
             steps[v.label]()  # compiles, outside the timed rounds
-        stats = measure_interleaved(steps, rounds=rounds, warmup=1, device=device)
+        with timing():
+            stats = measure_interleaved(steps, rounds=rounds, warmup=1, device=device)
         base = stats[variants[0].label]["median"]
         for v in variants:
             s = stats[v.label]

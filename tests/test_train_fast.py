@@ -86,3 +86,31 @@ def test_a_compiled_training_step_equals_the_eager_one(tmp_path):
         assert lc == pytest.approx(le, rel=1e-5, abs=1e-6)
     for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_train_takes_noise_and_compile(tmp_path, monkeypatch):
+    """``fastddpm train --noise philox`` is a setting of the run (kept on resume); ``--compile`` is
+    passed to the trainer each time as given."""
+    import importlib
+    import json
+
+    from fastddpm.cli import main
+
+    train_module = importlib.import_module("fastddpm.train")  # the module, not fastddpm.train()
+
+    seen = []
+    real = train_module.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append((self.config.noise, self.config.compile))
+
+    monkeypatch.setattr(train_module.Trainer, "__init__", spy)
+    out = str(tmp_path / "run")
+    assert main(["train", "--data", "digits", "--out", out, "--steps", "2", "--batch-size", "8", "--noise", "philox",
+                 "--quiet"]) == 0
+    with open(f"{out}/checkpoint/config.json") as f:
+        assert json.load(f)["train"]["noise"] == "philox"
+    assert main(["train", "--data", "digits", "--out", out, "--steps", "3", "--resume", "--compile", "--quiet"]) == 0
+    assert seen == [("philox", False), ("philox", True)]
+    assert main(["train", "--data", "digits", "--out", out, "--noise", "randn"]) == 2
