@@ -25,4 +25,8 @@ TORCH_LIBRARY(fastddpm, m) {
   // (y, mean, rstd); mean and rstd are [B, groups], saved for the backward.
   m.def("group_norm_act(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, Tensor? temb, "
         "bool silu) -> (Tensor, Tensor, Tensor)");
+  // Its gradients (x, weight, bias, temb) from the saved mean and rstd; a gradient whose input is
+  // None comes back as an empty tensor. CPU kernel only (CUDA keeps the formula of autograd.py).
+  m.def("group_norm_act_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor? temb, "
+        "Tensor mean, Tensor rstd, int groups, bool silu) -> (Tensor, Tensor, Tensor, Tensor)");
 }

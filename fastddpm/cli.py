@@ -33,9 +33,10 @@ def cmd_train(args) -> int:
     kwargs = dict(batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                   ema_decay=args.ema_decay, amp=args.amp, flip=args.flip, seed=args.seed,
                   sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
-                  on_nonfinite=args.on_nonfinite)
+                  on_nonfinite=args.on_nonfinite, noise=args.noise)
     if args.resume:  # keep the run's own settings unless given again explicitly
         kwargs = {k: v for k, v in kwargs.items() if k in args.explicit}
+    kwargs["compile"] = args.compile  # a speed option, not a setting of the run: as given now
     start = time.monotonic()
     ddpm = train(args.data, out=args.out, steps=args.steps, preset=args.preset, resume=args.resume,
                  device=args.device, max_minutes=args.max_minutes, progress=not args.quiet, **kwargs)
@@ -235,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a NaN/inf loss or gradient: stop with an error, keeping the last good checkpoint "
                         "(default), or skip that step's update")
     t.add_argument("--flip", action="store_true", help="random horizontal flips")
+    t.add_argument("--noise", choices=["generator", "philox"], default="generator", action=_Explicit,
+                   help="the loss's eps: torch.randn from the step's generator (default), or drawn inside the "
+                        "noising kernel (philox: faster; the same on any number of processes, other numbers)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward and backward (slow to start, faster steps)")
     t.set_defaults(func=cmd_train, explicit=set())
 
     s = sub.add_parser("sample", help="sample images into a PNG grid (Algorithm 2)")

@@ -67,17 +67,22 @@ def training_target(schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t
 
 def training_loss(model: Callable, schedule: Schedule, x0: torch.Tensor, prediction: str = "eps",
                   generator: Optional[torch.Generator] = None, *, t: Optional[torch.Tensor] = None,
-                  noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  noise: Optional[torch.Tensor] = None, rng: Optional[ops.PhiloxState] = None) -> torch.Tensor:
     """Algorithm 1: t ~ Uniform{0..T-1}, eps ~ N(0, I), loss = ||target - model(x_t, t)||^2 (mean).
 
     ``t`` (schedule indices) and ``noise`` are drawn from ``generator``, in that order, unless
     given: a distributed run draws them for the whole global batch and passes each rank its share.
+    ``rng`` (a :class:`fastddpm.ops.PhiloxState`, instead of ``noise``): eps is drawn inside the
+    noising kernel from its Philox stream (then advanced), so x0 is read and x_t and eps written
+    once; ``generator`` then draws t alone.
     """
+    if noise is not None and rng is not None:
+        raise ValueError("noise / rng: give at most one of them, got both")
     if t is None:
         t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator, device=x0.device)
-    if noise is None:
+    if noise is None and rng is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    xt, noise = ops.q_sample(x0, t, schedule.table("noising", x0.device), noise)
+    xt, noise = ops.q_sample(x0, t, schedule.table("noising", x0.device), noise, rng=rng)
     out = model(xt, schedule.timesteps.to(x0.device)[t])
     return F.mse_loss(out.float(), training_target(schedule, x0, noise, t, prediction).float())
 

@@ -31,12 +31,14 @@ from .data import check_finite, load_dataset
 from .diffusion import training_loss
 from .images import save_grid
 from .models.unet import PRESETS, UNet, UNetConfig
+from .ops import PhiloxState
 from .pipeline import DDPM, build_ddpm
 from .schedule import Schedule, ScheduleConfig
 from .utils import resolve_device
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ON_NONFINITE = ("stop", "skip")
+NOISE_SOURCES = ("generator", "philox")
 # Losses stay on the device between host reads; a read at least this often bounds their memory.
 FLUSH_EVERY = 1024
 
@@ -54,6 +56,12 @@ class TrainConfig:
     gradient does: ``"stop"`` raises :class:`NonFiniteError` at the next log, sample or checkpoint
     (before anything is written); ``"skip"`` leaves that step's weights, Adam state and EMA
     unchanged, counts it and goes on.
+
+    ``noise``: where the loss's eps comes from: ``"generator"`` (``torch.randn`` from the step's
+    generator, after t) or ``"philox"`` (drawn inside the noising kernel from a Philox stream keyed
+    by the step's seed; faster, and the same per global batch on any number of processes, but
+    other numbers than the generator's). ``compile``: the model's forward and backward through
+    ``torch.compile`` (the optimizer step stays eager).
     """
 
     batch_size: int = 128
@@ -69,6 +77,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     on_nonfinite: str = "stop"
+    noise: str = "generator"
+    compile: bool = False
 
     def __post_init__(self):
         self.batch_size = checks.integer("batch_size", self.batch_size, 1)
@@ -90,6 +100,10 @@ class TrainConfig:
             raise ValueError(f"amp: expected None, 'bf16' or 'fp16', got {self.amp!r}")
         if not isinstance(self.flip, bool):
             raise TypeError(f"flip: expected a bool, got {self.flip!r}")
+        if self.noise not in NOISE_SOURCES:
+            raise ValueError(f"noise: expected one of {NOISE_SOURCES}, got {self.noise!r}")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile: expected a bool, got {self.compile!r}")
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite: expected one of {ON_NONFINITE}, got {self.on_nonfinite!r}")
 
@@ -140,6 +154,19 @@ def _dropout_seed(seed: int, step: int, rank: int) -> int:
     return _step_seed(seed, step) + (rank << 53)
 
 
+def _philox_base(first_row: int, per_image: int) -> int:
+    """The Philox stream number of a rank's first noise value under ``noise="philox"``: its first
+    row of the global batch times the values per image. The kernels draw whole Philox blocks of 4
+    numbers, so it must be a multiple of 4 (any even-sided image; one process: always 0)."""
+    base = first_row * per_image
+    if base % 4:
+        raise ValueError(f"noise: 'philox' splits the global batch's draw over the processes in whole blocks of "
+                         f"4 values, but a rank's share starts at value {base} ({first_row} images of {per_image} "
+                         f"values); use noise='generator' or a batch whose share per process is a multiple of 4 "
+                         f"values")
+    return base
+
+
 class Trainer:
     """Trains a :class:`DDPM` on a tensor of images in [-1, 1], writing into ``out``.
 
@@ -166,6 +193,8 @@ class Trainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         _check_images(images, ddpm.image_shape, self.config.batch_size)
         _check_split(self.config.batch_size, self.world_size)
+        if self.config.noise == "philox":  # fails here, not at the first step
+            _philox_base(self.rank * (self.config.batch_size // self.world_size), math.prod(ddpm.image_shape))
         self.ddpm = ddpm
         self.model = ddpm.model.to(self.device)
         self.images = images.to(self.device)
@@ -173,6 +202,10 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         # wrapped after the copy, so that the EMA carries none of DDP's hooks
         self._net = distributed.data_parallel(self.model, self.device)  # what the loss calls
+        if self.config.compile:
+            # the model (through its DDP wrapper), not the optimizer: the custom ops' backward
+            # kernels are in the compiled graph
+            self._net = torch.compile(self._net)
         # "skip" needs the fused Adam: it alone drops a whole update on the device (see _apply_update)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.lr, fused=self._fused())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.amp == "fp16")
@@ -214,9 +247,16 @@ class Trainer:
 
     def _draws(self, g: torch.Generator, x0: torch.Tensor):
         """This rank's share of the global batch's timesteps and noise, drawn from ``g`` in the
-        order :func:`training_loss` draws them, so one process draws exactly what it would."""
+        order :func:`training_loss` draws them, so one process draws exactly what it would.
+
+        Under ``noise="philox"`` the noise is a :class:`PhiloxState` instead, for the kernel to
+        draw: stream ``(step seed, 0)``, from number ``base`` on, where this rank's rows start in
+        the global batch, so every rank draws its rows' share of one global-batch draw."""
         bs = self.config.batch_size
         t = torch.randint(0, self.ddpm.schedule.T, (bs,), generator=g, device=self.device)
+        if self.config.noise == "philox":
+            base = _philox_base(self.rank * (bs // self.world_size), x0[0].numel())
+            return self._share(t), PhiloxState(_step_seed(self.config.seed, self.step), device=self.device, base=base)
         noise = torch.randn((bs, *x0.shape[1:]), generator=g, device=self.device, dtype=x0.dtype)
         return self._share(t), self._share(noise)
 
@@ -242,11 +282,12 @@ class Trainer:
         torch.manual_seed(_dropout_seed(cfg.seed, self.step, self.rank))
         x0 = self._batch(g)
         t, noise = self._draws(g, x0)
+        noise, rng = (None, noise) if isinstance(noise, PhiloxState) else (noise, None)
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
         with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(cfg.amp), enabled=cfg.amp is not None):
-            loss = training_loss(self._net, self.ddpm.schedule, x0, self.ddpm.prediction, t=t, noise=noise)
+            loss = training_loss(self._net, self.ddpm.schedule, x0, self.ddpm.prediction, t=t, noise=noise, rng=rng)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         loss = loss.detach()

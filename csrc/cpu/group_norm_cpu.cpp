@@ -96,6 +96,25 @@ FDDPM_ISA_CLONES void column_sq_dev_f32(const float* x, int64_t rows, int64_t C,
 // The storage dtype the hand-vectorized rows take (their uses sit inside FASTDDPM_HAVE_SIMD).
 template <typename scalar_t>
 constexpr bool kSimdRows = std::is_same_v<scalar_t, float>;
+// 16-bit rows computing in float run the float rows on a converted copy (a conversion loop costs
+// far less than the portable loop's scalar exp and division).
+template <typename scalar_t, typename acc_t>
+constexpr bool kConvertedRows = !std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>;
+
+// A row of n storage values as float, in one of a thread's conversion buffers (slot 0 or 1).
+template <typename scalar_t>
+const float* float_row(const scalar_t* x, int64_t n, int slot) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  for (int64_t i = 0; i < n; ++i) b[i] = static_cast<float>(x[i]);
+  return b.data();
+}
+
+template <typename scalar_t>
+void store_float_row(const float* v, scalar_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(v[i]);
+}
 
 template <typename scalar_t, typename acc_t>
 RowMoments row_moments(const scalar_t* x, int64_t n) {
@@ -103,6 +122,9 @@ RowMoments row_moments(const scalar_t* x, int64_t n) {
   if constexpr (kSimdRows<scalar_t>) {
     if (n > 0 && cpu_has_avx512()) return avx512::row_moments(x, n);
     if (n > 0 && cpu_has_avx2()) return avx2::row_moments(x, n);
+  }
+  if constexpr (kConvertedRows<scalar_t, acc_t>) {
+    if (n > 0 && cpu_has_avx2()) return row_moments<float, float>(float_row(x, n, 0), n);
   }
 #endif
   return row_moments_loop<scalar_t, acc_t>(x, n);
@@ -118,6 +140,15 @@ void normalize_row(const scalar_t* x, scalar_t* y, int64_t n, acc_t scale, acc_t
     if (n > 0 && cpu_has_avx512()) return avx512::affine_row(x, y, n, scale, shift, silu_act, next, m);
     if (n > 0 && cpu_has_avx2()) return avx2::affine_row(x, y, n, scale, shift, silu_act, next, m);
   }
+  if constexpr (kConvertedRows<scalar_t, acc_t>) {
+    if (n > 0 && cpu_has_avx2()) {
+      thread_local std::vector<float> yb;
+      if (static_cast<int64_t>(yb.size()) < n) yb.resize(n);
+      normalize_row<float, float>(float_row(x, n, 0), yb.data(), n, scale, shift, silu_act,
+                                  next ? float_row(next, n, 1) : nullptr, m);
+      return store_float_row(yb.data(), y, n);
+    }
+  }
 #endif
   if (silu_act) affine_row_loop<true, scalar_t, acc_t>(x, y, n, scale, shift);
   else affine_row_loop<false, scalar_t, acc_t>(x, y, n, scale, shift);
@@ -131,6 +162,14 @@ void normalize_channels(const scalar_t* x, scalar_t* y, int64_t n, const acc_t* 
   if constexpr (kSimdRows<scalar_t>) {
     if (cpu_has_avx512()) return avx512::affine_channels(x, y, n, scale, shift, silu_act);
     if (cpu_has_avx2()) return avx2::affine_channels(x, y, n, scale, shift, silu_act);
+  }
+  if constexpr (kConvertedRows<scalar_t, acc_t>) {
+    if (cpu_has_avx2()) {
+      thread_local std::vector<float> yb;
+      if (static_cast<int64_t>(yb.size()) < n) yb.resize(n);
+      normalize_channels<float, float>(float_row(x, n, 0), yb.data(), n, scale, shift, silu_act);
+      return store_float_row(yb.data(), y, n);
+    }
   }
 #endif
   if (silu_act) affine_channels_loop<true, scalar_t, acc_t>(x, y, n, scale, shift);

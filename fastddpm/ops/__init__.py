@@ -178,11 +178,13 @@ def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     _check_channel_param("bias", bias, (C,), x)
     checks.choice("act", act, ("silu", None))
     if backend == "auto" and forced_backend() is None:
-        # Training: the native backward is a composite of PyTorch ops, slower than eager
-        # group_norm's fused backward, so "auto" keeps the reference until a fused one exists.
+        # Training: on the CPU the native op has a fused backward kernel (two passes); on CUDA its
+        # backward is a composite of PyTorch ops, slower than eager group_norm's, so "auto" keeps
+        # the reference there.
         training = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, weight, bias, temb))
-        # The native CPU kernel vectorizes float32 only: in bf16/fp16 the reference is faster.
-        cpu_half = x.device.type == "cpu" and x.dtype in _CPU_HALF_TYPES
-        if training or cpu_half:
+        cpu = x.device.type == "cpu"
+        # Inference in bf16/fp16 on the CPU keeps the reference, whose forward alone is as fast.
+        cpu_half = cpu and x.dtype in _CPU_HALF_TYPES
+        if (training and not (cpu and native.AVAILABLE)) or (cpu_half and not training):
             backend = "reference"
     return implementation(backend, x.device).group_norm_act(x, weight, bias, groups, eps, temb, act)

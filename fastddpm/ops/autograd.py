@@ -1,5 +1,9 @@
 """Backward formulas of the compiled ops (csrc ``fastddpm::`` and Triton ``fastddpm_triton::`` share
-their schemas, so one set serves both), attached with ``torch.library.register_autograd``."""
+their schemas, so one set serves both), attached with ``torch.library.register_autograd``.
+
+``group_norm_act``'s backward runs a fused kernel of its namespace (``group_norm_act_backward``:
+csrc on the CPU, Triton) where there is one; :func:`group_norm_act_backward` is the formula they
+are tested against, and the backward of the csrc op on CUDA."""
 
 from __future__ import annotations
 
@@ -42,10 +46,30 @@ def _gn_setup(ctx, inputs, output):
     ctx.groups, ctx.silu = groups, silu
 
 
-def _gn_backward(ctx, grad, _gmean, _grstd):
-    x, weight, bias, temb, mean, rstd = ctx.saved_tensors
-    gx, gw, gb, gt = group_norm_act_backward(grad, x, weight, bias, temb, mean, rstd, ctx.groups, ctx.silu)
-    return gx, gw, gb, None, None, gt, None
+def _fused_backward(namespace: str):
+    """The backward of ``{namespace}::group_norm_act`` as a function like :func:`group_norm_act_backward`:
+    the fused kernel ``{namespace}::group_norm_act_backward`` where the namespace has one for the
+    device (csrc: the CPU; Triton: everywhere it runs), else the formula (csrc on CUDA)."""
+    def backward(grad, x, weight, bias, temb, mean, rstd, groups, silu):
+        op = getattr(getattr(torch.ops, namespace), "group_norm_act_backward", None)
+        if op is None or (namespace == "fastddpm" and x.device.type != "cpu"):
+            return group_norm_act_backward(grad, x, weight, bias, temb, mean, rstd, groups, silu)
+        # the kernels take grad in x's dtype (y's); an empty tensor stands for an input's None gradient
+        gx, gw, gb, gt = op(grad.to(x.dtype), x, weight, bias, temb, mean, rstd, groups, silu)
+        return gx, gw if weight is not None else None, gb if bias is not None else None, \
+            gt if temb is not None else None
+    return backward
+
+
+def _gn_backward_for(namespace: str):
+    """The ``register_autograd`` backward of ``{namespace}::group_norm_act``."""
+    backward = _fused_backward(namespace)
+
+    def _gn_backward(ctx, grad, _gmean, _grstd):
+        x, weight, bias, temb, mean, rstd = ctx.saved_tensors
+        gx, gw, gb, gt = backward(grad, x, weight, bias, temb, mean, rstd, ctx.groups, ctx.silu)
+        return gx, gw, gb, None, None, gt, None
+    return _gn_backward
 
 
 # q_sample and ddpm_step are affine in their tensor inputs (piecewise, where x0 is clipped).
@@ -81,6 +105,7 @@ def _step_backward(ctx, grad):
 
 def register_autograd(namespace: str) -> None:
     """Attach the backward formulas to ``{namespace}::q_sample``, ``ddpm_step`` and ``group_norm_act``."""
-    torch.library.register_autograd(f"{namespace}::group_norm_act", _gn_backward, setup_context=_gn_setup)
+    torch.library.register_autograd(f"{namespace}::group_norm_act", _gn_backward_for(namespace),
+                                    setup_context=_gn_setup)
     torch.library.register_autograd(f"{namespace}::q_sample", _qs_backward, setup_context=_qs_setup)
     torch.library.register_autograd(f"{namespace}::ddpm_step", _step_backward, setup_context=_step_setup)

@@ -27,6 +27,12 @@ def register_fakes(namespace: str) -> None:
         stats = x.new_empty((x.shape[0], groups), dtype=stat_dtype(x))
         return dense_empty_like(x), stats, stats.clone()
 
+    if hasattr(getattr(torch.ops, namespace), "group_norm_act_backward"):
+        @torch.library.register_fake(f"{namespace}::group_norm_act_backward")
+        def _group_norm_act_backward_fake(grad, x, weight, bias, temb, mean, rstd, groups, silu):
+            return (dense_empty_like(x),) + tuple(x.new_empty(0) if p is None else p.new_empty(p.shape)
+                                                  for p in (weight, bias, temb))
+
 
 def register_winograd_fake() -> None:
     """Fake kernel of ``fastddpm::winograd_conv3x3`` (CPU only; output in channels_last)."""

@@ -19,7 +19,7 @@ ERROR: Optional[str] = None
 try:
     import triton  # noqa: F401
 
-    from . import ddpm_step_op, group_norm_act_op, q_sample_op  # noqa: F401  (importing registers the ops)
+    from . import ddpm_step_op, group_norm_act_op, group_norm_backward_op, q_sample_op  # noqa: F401  (registers the ops)
     from ..autograd import register_autograd
     from ..compiled import CompiledOps
 
