@@ -69,12 +69,12 @@ def winograd_conv3x3(x: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tens
         raise RuntimeError("winograd: the native CPU extension is not built (see `fastddpm info`)")
     checks.tensor("x", x)
     if x.dim() != 4 or x.dtype not in DTYPES or x.device.type != "cpu":
-        raise ValueError(f"x: expected a float32 or bfloat16 CPU [N, C, H, W] tensor, got {x.dtype} "
+        raise ValueError(f"x: expected a float32 CPU [N, C, H, W] tensor (or bfloat16), got {x.dtype} "
                          f"{tuple(x.shape)} on {x.device}")
     checks.tensor("U", U)
     if U.dim() != 3 or U.shape[0] not in (16, 36) or U.shape[1] != x.shape[1] or U.dtype != x.dtype:
-        raise ValueError(f"U: expected a {x.dtype} [16 or 36, {x.shape[1]}, K] table from transform_weight, "
-                         f"got {U.dtype} {tuple(U.shape)}")
+        raise ValueError(f"U: expected a {str(x.dtype).split('.')[-1]} [16, {x.shape[1]}, K] table from "
+                         f"transform_weight (or [36, {x.shape[1]}, K], F(4x4)), got {U.dtype} {tuple(U.shape)}")
     if U.shape[0] == 36 and x.dtype != torch.float32:
         raise ValueError("U: F(4x4, 3x3) runs in float32 only (in bfloat16 its error is about 10x a direct "
                          "bfloat16 convolution's); use transform_weight(w, tile=2, dtype=torch.bfloat16)")
