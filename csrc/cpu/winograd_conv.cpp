@@ -29,6 +29,10 @@ namespace {
 // for F(2x2) (measurements: docs/performance.md#measurements-behind-the-code), and as fast as
 // any other size for F(4x4).
 constexpr int64_t kBlockBytes = 2048 * 1024;
+// But at least this many tiles per block: each block's GEMMs stream all of U (a*a*C*K values), so
+// wide convolutions (F(4x4) at 512 channels: 28 tiles by kBlockBytes) need taller GEMMs to
+// amortize it; 64 was faster than 8 and than 128 in a sweep over 384-768 input channels.
+constexpr int64_t kMinTiles = 64;
 
 // Element loads and stores: the transforms compute in float32 whatever the storage type.
 inline float load(float v) { return v; }
@@ -186,7 +190,7 @@ void winograd_blocks(const at::Tensor& x, const at::Tensor& u, const at::Tensor&
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = u.size(2);
   const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, T_ = N * th * tw;
   const int64_t TB =
-      std::clamp<int64_t>(kBlockBytes / (a * a * std::max(C, K) * int64_t(sizeof(T))) / 8 * 8, 8, 1024);
+      std::clamp<int64_t>(kBlockBytes / (a * a * std::max(C, K) * int64_t(sizeof(T))) / 8 * 8, kMinTiles, 1024);
   const T* xp = x.data_ptr<T>();
   const float* bp = b.data_ptr<float>();
   T* yp = y.data_ptr<T>();
