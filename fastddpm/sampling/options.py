@@ -49,9 +49,9 @@ class SpeedOptions:
             capture one more for a remainder.
         winograd: on the CPU, run a copy of the model whose wide 3x3 convolutions use Winograd
             F(4x4, 3x3) or F(2x2, 3x3) where measured faster (fewer multiplies, results within
-            rounding; the rule: :func:`fastddpm.models.winograd.choose_tile`). None (default):
-            wherever it applies in float32 (an ``nn.Module``, CPU, native extension); True also
-            in bfloat16, where only wide convolutions on small images gain.
+            rounding; the rule: :func:`fastddpm.models.winograd.choose_tile`; in bfloat16 only
+            wide convolutions on small images). None (default): wherever it applies (an
+            ``nn.Module``, CPU, float32 or bfloat16, native extension).
         memory_pool: on the CPU, run the loop inside :func:`fastddpm.ops.cpu_memory_pool`, so each
             step reuses the memory the last one freed instead of paying page faults for it.
     """

@@ -30,17 +30,16 @@ def _compile_frozen(gm: torch.fx.GraphModule, example_inputs) -> Callable:
 
 
 def winograd_applies(model, device: torch.device, options: SpeedOptions) -> bool:
-    """Whether ``options.winograd`` is on for ``model`` on ``device``: asked for (True; an
-    ``nn.Module`` on the CPU in float32 or bfloat16 with the native extension built, else a
-    ValueError), or by default (None) in float32 only: in bfloat16 the rules of
-    :mod:`fastddpm.models.winograd` keep most convolutions direct (AMX), so the rewrite is opt-in."""
+    """Whether ``options.winograd`` is on for ``model`` on ``device``: asked for (True) or by
+    default (None) where it applies — an ``nn.Module`` run on the CPU in float32 or bfloat16 with
+    the native extension built. Asking for it where it cannot apply is a ValueError."""
     applies = (device.type == "cpu" and options.dtype in (torch.float32, torch.bfloat16)
                and isinstance(model, torch.nn.Module) and winograd_available())
     if options.winograd and not applies:
         raise ValueError(f"winograd: needs an nn.Module run on the CPU in float32 or bfloat16 and the native "
                          f"extension, got {type(model).__name__} on {device} in {options.dtype} "
                          f"(native: {ops.native_status()})")
-    return (applies and options.dtype == torch.float32) if options.winograd is None else options.winograd
+    return applies if options.winograd is None else options.winograd
 
 
 class PreparedModel:
