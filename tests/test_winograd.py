@@ -131,8 +131,10 @@ def test_model_rewrite_replaces_eligible_convs_on_a_copy():
         x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 500, 999])
         with torch.no_grad():
             torch.testing.assert_close(fast(x, t), model(x, t), rtol=1e-4, atol=1e-4)
-    assert Sampler(model, Schedule.linear().respaced(2), Schedule.linear().respaced(2).table(
-        "step", "cpu", sampler="ddpm", variance="fixed_large"), (1, 1, 16, 16)).model.winograd  # on by default
+    sched = Schedule.linear().respaced(2)
+    coeffs = sched.table("step", "cpu", sampler="ddpm", variance="fixed_large")
+    for dtype in ("float32", "bfloat16"):  # on by default in both
+        assert Sampler(model, sched, coeffs, (1, 1, 16, 16), dtype=dtype).model.winograd
 
 
 @pytest.fixture
