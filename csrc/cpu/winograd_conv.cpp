@@ -26,8 +26,8 @@ namespace fastddpm {
 namespace {
 
 // Bytes of V (and of M) per block: chosen by a sweep over 0.25-8 MiB, where 2 MiB was fastest
-// for F(2x2) (measurements: docs/performance.md#measurements-behind-the-code), and as fast as
-// any other size for F(4x4).
+// for F(2x2) (measurements: docs/performance.md#measurements-behind-the-code); for F(4x4), 2-8 MiB
+// measured alike and 1 MiB slower.
 constexpr int64_t kBlockBytes = 2048 * 1024;
 // But at least this many tiles per block: each block's GEMMs stream all of U (a*a*C*K values), so
 // wide convolutions (F(4x4) at 512 channels: 28 tiles by kBlockBytes) need taller GEMMs to
