@@ -1,4 +1,5 @@
-"""Timing helpers: medians of several rounds, and the bandwidth of a plain copy for comparison."""
+"""Timing helpers: medians of several rounds, and the bandwidth of a plain copy and the rate of a
+large matrix product for comparison."""
 
 from __future__ import annotations
 
@@ -58,6 +59,15 @@ def copy_bandwidth(nbytes: int, device="cpu", rounds: int = 7) -> float:
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), rounds=rounds, device=device)["median"]
     return 2 * src.numel() * 4 / t
+
+
+def gemm_rate(dtype: torch.dtype = torch.float32, n: int = 2048, device="cpu", rounds: int = 5) -> float:
+    """Achieved FLOP/s of one ``n x n @ n x n`` matrix product in ``dtype``: the machine's practical
+    peak for that dtype (FMA units in float32, AMX in bf16 where present), as a yardstick."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = measure(lambda: a @ b, rounds=rounds, device=device)["median"]
+    return 2 * n**3 / t
 
 
 def _measure_cuda(fn: Callable[[], object], *, rounds: int, min_time: float) -> Dict[str, float]:

@@ -2,7 +2,9 @@
 reference (native; Triton too on a GPU).
 
 Prints a markdown table: median time, speed-up over the reference measured in the same run, and
-for memory-bound ops the achieved GB/s and its fraction of a plain copy of the same bytes.
+for memory-bound ops the achieved GB/s and its fraction of a plain copy of the same bytes; on the
+CPU a second table of the presets' 3x3 convolutions, direct against each Winograd variant, in
+direct-equivalent GFLOP/s against a large GEMM's rate of the same dtype.
 Every fast result is checked against the reference before it is timed.
 """
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from fastddpm import Schedule, UNet, ops
 from fastddpm.ops import PhiloxState
 
-from .harness import copy_bandwidth, measure_graphed, measure_interleaved
+from .harness import copy_bandwidth, gemm_rate, measure_graphed, measure_interleaved
 from .models import random_unet
 
 
@@ -70,24 +72,61 @@ def op_cases(device: torch.device, quick: bool) -> List[Dict]:
     return cases
 
 
+# The 3x3 convolutions of each preset (channels, resolution) and the batch its sampler runs.
+PRESET_CONVS = (("cifar10", 16, ((128, 32), (256, 16), (256, 8), (256, 4))),
+                ("celebahq", 1, ((128, 256), (128, 128), (256, 64), (256, 32), (512, 16), (512, 8))),
+                ("mnist", 16, ((32, 32), (64, 16), (64, 8))),
+                ("digits", 16, ((32, 8), (64, 4))))
+
+
 def conv_cases(device: torch.device, quick: bool) -> List[Dict]:
-    """3x3 convolutions of the cifar10 U-Net (batch 16, channels_last): Winograd F(2x2, 3x3)
-    against oneDNN's direct convolution (the reference), on the CPU in float32."""
+    """The presets' 3x3 convolutions (C -> C channels, channels_last), in float32 and bfloat16:
+    oneDNN's direct convolution (F.conv2d) and each Winograd variant the op runs in that dtype.
+    Each case: name, dtype, direct-equivalent FLOPs, the variant :func:`choose_tile` picks, the
+    functions by variant name, and the check tolerance against the direct one."""
     from fastddpm.models import winograd
 
     if device.type != "cpu" or not winograd.available():
         return []
+    presets = (("cifar10", 4, ((128, 16),)),) if quick else PRESET_CONVS
     cases = []
-    for C, res in ([(128, 16)] if quick else [(128, 32), (256, 16), (256, 8)]):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(16, C, res, res, generator=g).contiguous(memory_format=torch.channels_last)
-        w = (torch.randn(C, C, 3, 3, generator=g) / (3 * C**0.5)).contiguous(memory_format=torch.channels_last)
-        b = torch.randn(C, generator=g)
-        U = winograd.transform_weight(w)
-        cases.append(dict(name=f"conv3x3 {C}->{C} at {res}x{res}, batch 16, winograd vs direct", bytes=None,
-                          tol=1e-4, allocates=False, ref=lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1),
-                          fast=lambda be, x=x, U=U, b=b: ops.winograd_conv3x3(x, U, b)))
+    for preset, batch, shapes in presets:
+        for C, res in shapes:
+            for dtype in (torch.float32, torch.bfloat16):
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(batch, C, res, res, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+                w = torch.randn(C, C, 3, 3, generator=g) * (2 / (9 * C)) ** 0.5
+                b = torch.randn(C, generator=g)
+                wd = w.to(dtype).contiguous(memory_format=torch.channels_last)
+                fns = {"direct": lambda x=x, w=wd, b=b.to(dtype): F.conv2d(x, w, b, padding=1)}
+                for tile in winograd.TILES:
+                    if dtype == torch.float32 or tile == 2:  # F(4x4) in bf16: too inaccurate, the op rejects it
+                        U = winograd.transform_weight(w, tile, dtype)
+                        fns[f"F({tile}x{tile})"] = lambda x=x, U=U, b=b: ops.winograd_conv3x3(x, U, b)
+                chosen = winograd.choose_tile(dtype, C, batch, res, res)
+                cases.append(dict(name=f"{preset} conv3x3 {C}->{C} at {res}x{res}, batch {batch}", dtype=dtype,
+                                  flop=2 * batch * res * res * C * C * 9, fns=fns,
+                                  chosen="direct" if chosen == winograd.DIRECT else f"F({chosen}x{chosen})",
+                                  tol=1e-4 if dtype == torch.float32 else 2e-2))
     return cases
+
+
+def measure_convs(cases: List[Dict], rounds: int, quick: bool) -> Dict:
+    """Each conv case's variants timed in interleaved rounds (each checked against the direct one
+    first), beside a large matrix product of each dtype timed in the same run (the peak)."""
+    n = 1024 if quick else 2048
+    peaks = {dtype: gemm_rate(dtype, n) for dtype in {c["dtype"] for c in cases}}
+    rows = []
+    for case in cases:
+        ref = case["fns"]["direct"]()
+        for name, fn in case["fns"].items():
+            check_close(fn(), ref, f"{case['name']} {name}", case["tol"])
+        times = measure_interleaved(case["fns"], rounds=rounds, min_time=0.02)  # short convs: many calls a round
+        rows.append(dict(name=case["name"], dtype=str(case["dtype"]).split(".")[-1], chosen=case["chosen"],
+                         peak_gflop_s=peaks[case["dtype"]] / 1e9,
+                         variants={name: dict(s=t["median"], gflop_s=case["flop"] / t["median"] / 1e9)
+                                   for name, t in times.items()}))
+    return dict(gemm_n=n, peaks={str(d).split(".")[-1]: p / 1e9 for d, p in peaks.items()}, rows=rows)
 
 
 def unet_cases(device: torch.device, quick: bool) -> List[Dict]:
@@ -151,11 +190,13 @@ def run(device="cpu", quick=False, rounds=7) -> Dict:
     """Run all cases; returns the results as a dict (also the JSON written by the CLI)."""
     device = torch.device(device)
     rows, copies = [], []
-    cases = op_cases(device, quick) + conv_cases(device, quick) + unet_cases(device, quick)
+    cases = op_cases(device, quick) + unet_cases(device, quick)
     for case in _with_pool_variants(cases, device):
         with ops.cpu_memory_pool() if case.get("pool") else contextlib.nullcontext():
             rows.extend(_measure_case(case, device, rounds, copies))
+    convs = conv_cases(device, quick)
     return dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                convs=measure_convs(convs, rounds, quick) if convs else None,
                 machine=platform.processor() or platform.machine(),
                 copy_gb_s=[min(copies) / 1e9, max(copies) / 1e9] if copies else None,
                 native=ops.native_status(), triton=ops.triton_status(), rounds=rounds, rows=rows)
@@ -219,4 +260,24 @@ def markdown(result: Dict) -> str:
             sp = f"{r['graphed_speedup']:.2f}x" if "graphed_speedup" in r else "-"
             frac = f"{100 * r['graphed_frac_of_copy']:.0f}%" if "graphed_frac_of_copy" in r else "-"
             lines.append(f"| {r['name']} | {1e6 * r['graphed_s']:.1f} us | {sp} | {frac} |")
+    if result.get("convs"):
+        lines += ["", conv_markdown(result["convs"])]
+    return "\n".join(lines)
+
+
+def conv_markdown(convs: Dict) -> str:
+    """The conv rows: per variant the median time and direct-equivalent GFLOP/s (2 N H W C K 9 / time)
+    with its percentage of the same dtype's large-GEMM rate measured in the same run; * marks the
+    variant fastddpm.models.winograd.choose_tile picks."""
+    peaks = ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in sorted(convs["peaks"].items(), reverse=True))
+    n = convs["gemm_n"]
+    lines = [f"3x3 convolutions, C -> C, channels_last; direct-equivalent GFLOP/s (% of a {n}^3 GEMM: {peaks}); "
+             "variants timed in interleaved rounds; * = the variant the rewrite picks", "",
+             "| case | dtype | direct | F(2x2) | F(4x4) | best vs direct |", "|---|---|---:|---:|---:|---:|"]
+    for r in convs["rows"]:
+        v = r["variants"]
+        cells = [(f"{1e3 * v[k]['s']:.2f} ms, {v[k]['gflop_s']:.0f} ({100 * v[k]['gflop_s'] / r['peak_gflop_s']:.0f}%)"
+                  + ("*" if r["chosen"] == k else "")) if k in v else "-" for k in ("direct", "F(2x2)", "F(4x4)")]
+        best = min(s["s"] for s in v.values())
+        lines.append(f"| {r['name']} | {r['dtype']} | {' | '.join(cells)} | {v['direct']['s'] / best:.2f}x |")
     return "\n".join(lines)

@@ -1,17 +1,23 @@
-// 3x3, stride-1, pad-1 convolution by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016)
-// on the CPU, float32, channels_last. Each 2x2 output tile takes 16 multiplies per (c, k) pair
-// instead of 36: the input tile d (4x4) becomes V = B^T d B, the weights g (3x3) become
-// U = G g G^T (done once, in Python: fastddpm/models/winograd.py), the 16 positions are 16 GEMMs
-// M[p] = V[p] U[p] over channels, and the output is Y = A^T M A. The transforms are additions only.
-// Work goes in blocks of tiles sized so a block's V and M (2 MiB each) stay in cache between the
-// transforms (parallel over the block's tiles) and the GEMMs (one at::bmm: MKL, parallel over
-// positions). The arithmetic differs from a direct convolution only by rounding (the transforms'
-// sums): measured 2x the direct convolution's error against float64.
+// 3x3, stride-1, pad-1 convolution by Winograd's minimal filtering F(m x m, 3x3) (Lavin & Gray 2016)
+// on the CPU, channels_last, for output tiles of m = 2 (F(2x2, 3x3)) or m = 4 (F(4x4, 3x3)). With
+// a = m + 2, each m x m output tile takes a*a multiplies per (c, k) pair instead of 9 m^2 (16 vs 36
+// for m = 2, 36 vs 144 for m = 4): the input tile d (a x a) becomes V = B^T d B, the weights g
+// (3x3) become U = G g G^T (done once, in Python: fastddpm/ops/winograd.py), the a*a positions are
+// a*a GEMMs M[p] = V[p] U[p] over channels, and the output is Y = A^T M A.
+// Work goes in blocks of tiles sized so a block's V and M stay in cache between the transforms
+// (parallel over the block's tiles) and the GEMMs (one at::bmm: MKL / oneDNN, parallel over
+// positions). One tile walk serves both tile sizes and both dtypes (float32; bfloat16, where the
+// transforms run in float32 and V, U, M are bfloat16 so the GEMMs run on AMX); a tile size is a
+// struct of its 1-D transforms. The arithmetic differs from a direct convolution only by rounding,
+// which the larger transform constants of F(4x4) amplify (tests/test_winograd.py bounds it;
+// F(4x4) in bfloat16 is rejected as too inaccurate, see fastddpm/ops/winograd.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <vector>
 
 #include "isa.h"
@@ -20,130 +26,228 @@ namespace fastddpm {
 namespace {
 
 // Bytes of V (and of M) per block: chosen by a sweep over 0.25-8 MiB, where 2 MiB was fastest
-// (measurements: docs/performance.md#measurements-behind-the-code).
+// for F(2x2) (measurements: docs/performance.md#measurements-behind-the-code); for F(4x4), 2-8 MiB
+// measured alike and 1 MiB slower.
 constexpr int64_t kBlockBytes = 2048 * 1024;
+// But at least this many tiles per block: each block's GEMMs stream all of U (a*a*C*K values), so
+// wide convolutions (F(4x4) at 512 channels: 28 tiles by kBlockBytes) need taller GEMMs to
+// amortize it; 64 was faster than 8 and than 128 in a sweep over 384-768 input channels.
+constexpr int64_t kMinTiles = 64;
 
-// The 4-point transforms of F(2x2, 3x3): B^T v (input) and A^T v (output), additions only.
-inline void bt4(float d0, float d1, float d2, float d3, float& o0, float& o1, float& o2, float& o3) {
-  o0 = d0 - d2;
-  o1 = d1 + d2;
-  o2 = d2 - d1;
-  o3 = d1 - d3;
-}
-inline void at4(float m0, float m1, float m2, float m3, float& o0, float& o1) {
-  o0 = m0 + m1 + m2;
-  o1 = m1 - m2 - m3;
+// Element loads and stores: the transforms compute in float32 whatever the storage type.
+inline float load(float v) { return v; }
+inline float load(c10::BFloat16 v) { return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(c10::BFloat16* p, float v) {  // round to nearest even, NaN kept NaN (branch-free: vectorizes)
+  const uint32_t u = std::bit_cast<uint32_t>(v);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  p->x = static_cast<uint16_t>(v != v ? 0x7fc0u : r);
 }
 
-// V[p][i][c] = (B^T d B)[p] for the tiles [t0, t0 + nt); d is the tile's 4x4 window of x (zeros
-// past the edges). Straight-line code per channel, so the channel loop vectorizes.
-FDDPM_ISA_CLONES void input_transform(const float* x, float* V, const float* zeros, int64_t t0, int64_t nt,
+// A tile size is its 1-D transforms, each applied to n channels at once (rows d[0..a) of n
+// values in, rows o[..] out), so each is one vectorized loop over channels: B^T (a -> a points)
+// and A^T (a -> m points, plus `add`: zeros, or the bias in the last pass).
+
+// F(2x2, 3x3): additions only.
+struct F2 {
+  static constexpr int m = 2, a = 4;
+  template <class I, class O>
+  static inline void bt(const I* const* d, O* const* o, int64_t n) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      const float d0 = load(d[0][c]), d1 = load(d[1][c]), d2 = load(d[2][c]), d3 = load(d[3][c]);
+      store(o[0] + c, d0 - d2);
+      store(o[1] + c, d1 + d2);
+      store(o[2] + c, d2 - d1);
+      store(o[3] + c, d1 - d3);
+    }
+  }
+  template <class I, class O>
+  static inline void at(const I* const* v, O* const* o, const float* add, int64_t n) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      const float v0 = load(v[0][c]), v1 = load(v[1][c]), v2 = load(v[2][c]), v3 = load(v[3][c]);
+      store(o[0] + c, v0 + v1 + v2 + add[c]);
+      store(o[1] + c, v1 - v2 - v3 + add[c]);
+    }
+  }
+};
+
+// F(4x4, 3x3) on the points 0, 1, -1, 2, -2, inf.
+struct F4 {
+  static constexpr int m = 4, a = 6;
+  template <class I, class O>
+  static inline void bt(const I* const* d, O* const* o, int64_t n) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      const float d0 = load(d[0][c]), d1 = load(d[1][c]), d2 = load(d[2][c]), d3 = load(d[3][c]),
+                  d4 = load(d[4][c]), d5 = load(d[5][c]);
+      store(o[0] + c, 4.0f * d0 - 5.0f * d2 + d4);
+      store(o[1] + c, d3 + d4 - 4.0f * (d1 + d2));
+      store(o[2] + c, d4 - d3 + 4.0f * (d1 - d2));
+      store(o[3] + c, d4 - d2 + 2.0f * (d3 - d1));
+      store(o[4] + c, d4 - d2 + 2.0f * (d1 - d3));
+      store(o[5] + c, 4.0f * d1 - 5.0f * d3 + d5);
+    }
+  }
+  template <class I, class O>
+  static inline void at(const I* const* v, O* const* o, const float* add, int64_t n) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      const float v0 = load(v[0][c]), v1 = load(v[1][c]), v2 = load(v[2][c]), v3 = load(v[3][c]),
+                  v4 = load(v[4][c]), v5 = load(v[5][c]);
+      const float s12 = v1 + v2, d12 = v1 - v2, s34 = v3 + v4, d34 = v3 - v4;
+      store(o[0] + c, v0 + s12 + s34 + add[c]);
+      store(o[1] + c, d12 + 2.0f * d34 + add[c]);
+      store(o[2] + c, s12 + 4.0f * s34 + add[c]);
+      store(o[3] + c, d12 + 8.0f * d34 + v5 + add[c]);
+    }
+  }
+};
+
+// Channels per pass of the 2-D transforms: the a x a intermediate (float32) of one chunk stays in L1.
+constexpr int64_t kChunk = 64;
+
+// V[p][i][c] = (B^T d B)[p] for the tiles [t0, t0 + nt); d is the tile's a x a window of x (zeros
+// past the edges). Per chunk of channels: B^T d (the columns) into `tmp`, then (B^T d) B (the rows) into V.
+template <class Tile, class T>
+FDDPM_ISA_CLONES void input_transform(const T* x, T* V, const T* zeros, float* tmp, int64_t t0, int64_t nt,
                                       int64_t TB, int64_t C, int64_t H, int64_t W, int64_t th, int64_t tw) {
+  constexpr int a = Tile::a, m = Tile::m;
   const int64_t ps = TB * C;  // stride between positions p
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t t = t0 + i, n = t / (th * tw), ty = (t % (th * tw)) / tw, tx = t % tw;
-    const float* d[16];
-    for (int r = 0; r < 4; ++r)
-      for (int s = 0; s < 4; ++s) {
-        const int64_t yy = 2 * ty - 1 + r, xx = 2 * tx - 1 + s;
-        d[4 * r + s] = (yy >= 0 && yy < H && xx >= 0 && xx < W) ? x + ((n * H + yy) * W + xx) * C : zeros;
+    const T* d[a * a];
+    for (int r = 0; r < a; ++r)
+      for (int s = 0; s < a; ++s) {
+        const int64_t yy = m * ty - 1 + r, xx = m * tx - 1 + s;
+        d[a * r + s] = (yy >= 0 && yy < H && xx >= 0 && xx < W) ? x + ((n * H + yy) * W + xx) * C : zeros;
       }
-    float* v = V + i * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      float b00, b10, b20, b30, b01, b11, b21, b31, b02, b12, b22, b32, b03, b13, b23, b33;
-      bt4(d[0][c], d[4][c], d[8][c], d[12][c], b00, b10, b20, b30);  // rows of each column
-      bt4(d[1][c], d[5][c], d[9][c], d[13][c], b01, b11, b21, b31);
-      bt4(d[2][c], d[6][c], d[10][c], d[14][c], b02, b12, b22, b32);
-      bt4(d[3][c], d[7][c], d[11][c], d[15][c], b03, b13, b23, b33);
-      bt4(b00, b01, b02, b03, v[0 * ps + c], v[1 * ps + c], v[2 * ps + c], v[3 * ps + c]);  // then columns
-      bt4(b10, b11, b12, b13, v[4 * ps + c], v[5 * ps + c], v[6 * ps + c], v[7 * ps + c]);
-      bt4(b20, b21, b22, b23, v[8 * ps + c], v[9 * ps + c], v[10 * ps + c], v[11 * ps + c]);
-      bt4(b30, b31, b32, b33, v[12 * ps + c], v[13 * ps + c], v[14 * ps + c], v[15 * ps + c]);
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t nc = std::min(kChunk, C - c0);
+      for (int s = 0; s < a; ++s) {
+        const T* in[a];
+        float* out[a];
+        for (int r = 0; r < a; ++r) in[r] = d[a * r + s] + c0, out[r] = tmp + (a * r + s) * kChunk;
+        Tile::bt(in, out, nc);
+      }
+      for (int r = 0; r < a; ++r) {
+        const float* in[a];
+        T* out[a];
+        for (int s = 0; s < a; ++s) in[s] = tmp + (a * r + s) * kChunk, out[s] = V + (a * r + s) * ps + i * C + c0;
+        Tile::bt(in, out, nc);
+      }
     }
   }
 }
 
-// y = A^T M A + bias for the tiles [t0, t0 + nt). A tile whose 2x2 outputs are all inside the
-// image is written in place; an edge tile (odd H or W) goes through `edge` and keeps its inside pixels.
-FDDPM_ISA_CLONES void output_transform(const float* M, const float* bias, float* y, float* edge, int64_t t0,
-                                       int64_t nt, int64_t TB, int64_t K, int64_t H, int64_t W, int64_t th,
-                                       int64_t tw) {
+// y = A^T M A + bias for the tiles [t0, t0 + nt), per chunk of channels like input_transform. A
+// tile whose m x m outputs are all inside the image is written in place; an edge tile (H or W
+// not a multiple of m) goes through `edge` and keeps its inside pixels.
+template <class Tile, class T>
+FDDPM_ISA_CLONES void output_transform(const T* M, const float* bias, const float* zeros, T* y, T* edge, float* tmp,
+                                       int64_t t0, int64_t nt, int64_t TB, int64_t K, int64_t H, int64_t W,
+                                       int64_t th, int64_t tw) {
+  constexpr int a = Tile::a, m = Tile::m;
   const int64_t ps = TB * K;
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t t = t0 + i, n = t / (th * tw), ty = (t % (th * tw)) / tw, tx = t % tw;
-    const bool full = 2 * ty + 1 < H && 2 * tx + 1 < W;
-    float* o[4];
-    for (int a = 0; a < 2; ++a)
-      for (int b = 0; b < 2; ++b)
-        o[2 * a + b] = full ? y + ((n * H + 2 * ty + a) * W + 2 * tx + b) * K : edge + (2 * a + b) * K;
-    const float* m = M + i * K;
-    float* __restrict__ o0 = o[0];
-    float* __restrict__ o1 = o[1];
-    float* __restrict__ o2 = o[2];
-    float* __restrict__ o3 = o[3];
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) {
-      float u00, u10, u01, u11, u02, u12, u03, u13;
-      at4(m[0 * ps + k], m[4 * ps + k], m[8 * ps + k], m[12 * ps + k], u00, u10);  // rows of each column
-      at4(m[1 * ps + k], m[5 * ps + k], m[9 * ps + k], m[13 * ps + k], u01, u11);
-      at4(m[2 * ps + k], m[6 * ps + k], m[10 * ps + k], m[14 * ps + k], u02, u12);
-      at4(m[3 * ps + k], m[7 * ps + k], m[11 * ps + k], m[15 * ps + k], u03, u13);
-      float y00, y01, y10, y11;
-      at4(u00, u01, u02, u03, y00, y01);  // then columns
-      at4(u10, u11, u12, u13, y10, y11);
-      o0[k] = y00 + bias[k];
-      o1[k] = y01 + bias[k];
-      o2[k] = y10 + bias[k];
-      o3[k] = y11 + bias[k];
+    const bool full = m * ty + m <= H && m * tx + m <= W;
+    T* o[m * m];
+    for (int r = 0; r < m; ++r)
+      for (int s = 0; s < m; ++s)
+        o[m * r + s] = full ? y + ((n * H + m * ty + r) * W + m * tx + s) * K : edge + (m * r + s) * K;
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+      const int64_t nk = std::min(kChunk, K - k0);
+      for (int s = 0; s < a; ++s) {
+        const T* in[a];
+        float* out[m];
+        for (int r = 0; r < a; ++r) in[r] = M + (a * r + s) * ps + i * K + k0;
+        for (int r = 0; r < m; ++r) out[r] = tmp + (a * r + s) * kChunk;
+        Tile::at(in, out, zeros, nk);
+      }
+      for (int r = 0; r < m; ++r) {
+        const float* in[a];
+        T* out[m];
+        for (int s = 0; s < a; ++s) in[s] = tmp + (a * r + s) * kChunk;
+        for (int s = 0; s < m; ++s) out[s] = o[m * r + s] + k0;
+        Tile::at(in, out, bias + k0, nk);
+      }
     }
     if (!full)
-      for (int a = 0; a < 2; ++a)
-        for (int b = 0; b < 2; ++b) {
-          const int64_t yy = 2 * ty + a, xx = 2 * tx + b;
-          if (yy < H && xx < W) std::copy(o[2 * a + b], o[2 * a + b] + K, y + ((n * H + yy) * W + xx) * K);
+      for (int r = 0; r < m; ++r)
+        for (int s = 0; s < m; ++s) {
+          const int64_t yy = m * ty + r, xx = m * tx + s;
+          if (yy < H && xx < W) std::copy(o[m * r + s], o[m * r + s] + K, y + ((n * H + yy) * W + xx) * K);
         }
+  }
+}
+
+// The tile walk: blocks of TB tiles through input transform, a*a GEMMs, output transform.
+template <class Tile, class T>
+void winograd_blocks(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b, at::Tensor& y) {
+  constexpr int a = Tile::a, m = Tile::m;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = u.size(2);
+  const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, T_ = N * th * tw;
+  const int64_t TB =
+      std::clamp<int64_t>(kBlockBytes / (a * a * std::max(C, K) * int64_t(sizeof(T))) / 8 * 8, kMinTiles, 1024);
+  const T* xp = x.data_ptr<T>();
+  const float* bp = b.data_ptr<float>();
+  T* yp = y.data_ptr<T>();
+  at::Tensor V = at::empty({a * a, TB, C}, x.options()), M = at::empty({a * a, TB, K}, x.options());
+  const at::Tensor zeros = at::zeros({C}, x.options());
+  for (int64_t t0 = 0; t0 < T_; t0 += TB) {
+    const int64_t nt = std::min(TB, T_ - t0);
+    at::parallel_for(0, nt, 8, [&](int64_t i0, int64_t i1) {
+      std::vector<float> tmp(a * a * kChunk);
+      input_transform<Tile, T>(xp, V.data_ptr<T>() + i0 * C, zeros.data_ptr<T>(), tmp.data(), t0 + i0, i1 - i0, TB,
+                               C, H, W, th, tw);
+    });
+    at::Tensor Mv = M.narrow(1, 0, nt);
+    at::bmm_out(Mv, V.narrow(1, 0, nt), u);
+    at::parallel_for(0, nt, 8, [&](int64_t i0, int64_t i1) {
+      std::vector<T> edge(m * m * K);
+      std::vector<float> tmp(a * a * kChunk), no_bias(kChunk, 0.0f);
+      output_transform<Tile, T>(M.data_ptr<T>() + i0 * K, bp, no_bias.data(), yp, edge.data(), tmp.data(), t0 + i0,
+                                i1 - i0, TB, K, H, W, th, tw);
+    });
   }
 }
 
 }  // namespace
 
-// x: [N, C, H, W] float32 (read as channels_last); U: [16, C, K] transformed weights; bias: [K].
-// Returns [N, K, H, W] in channels_last.
+// x: [N, C, H, W] float32 or bfloat16 (read as channels_last); U: [a*a, C, K] transformed weights
+// of x's dtype, a*a = 16 for F(2x2, 3x3) and 36 for F(4x4, 3x3) (float32 only); bias: [K] float32
+// or x's dtype. Returns [N, K, H, W] of x's dtype in channels_last.
 at::Tensor winograd_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& U, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(x_in.dim() == 4, "x: expected [N, C, H, W], got ", x_in.sizes());
-  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat, "x: expected a float32 tensor, got ", x_in.scalar_type());
-  TORCH_CHECK_VALUE(U.scalar_type() == at::kFloat, "U: expected a float32 tensor, got ", U.scalar_type());
-  TORCH_CHECK_VALUE(U.dim() == 3 && U.size(0) == 16 && U.size(1) == x_in.size(1), "U: expected [16, C=",
-                    x_in.size(1), ", K] (fastddpm.ops.winograd.transform_weight), got ", U.sizes());
-  const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), K = U.size(2);
-  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == K && bias->scalar_type() == at::kFloat),
-                    "bias: expected float32 [", K, "], got ", bias->scalar_type(), " ", bias->sizes());
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16, "x: expected a float32 or bfloat16 tensor, got ",
+                    dtype);
+  TORCH_CHECK_VALUE(U.scalar_type() == dtype, "U: expected a ", dtype, " tensor like x, got ", U.scalar_type());
+  TORCH_CHECK_VALUE(U.dim() == 3 && (U.size(0) == 16 || U.size(0) == 36) && U.size(1) == x_in.size(1),
+                    "U: expected [16 or 36, C=", x_in.size(1),
+                    ", K] (fastddpm.ops.winograd.transform_weight), got ", U.sizes());
+  TORCH_CHECK_VALUE(U.size(0) == 16 || dtype == at::kFloat,
+                    "U: F(4x4, 3x3) (36 positions) runs in float32 only: in bfloat16 its error is about 10x "
+                    "a direct bfloat16 convolution's");
+  const int64_t N = x_in.size(0), H = x_in.size(2), W = x_in.size(3), K = U.size(2);
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == K &&
+                              (bias->scalar_type() == at::kFloat || bias->scalar_type() == dtype)),
+                    "bias: expected float32 or ", dtype, " [", K, "], got ", bias->scalar_type(), " ",
+                    bias->sizes());
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor u = U.contiguous();
-  const at::Tensor b = bias ? bias->contiguous() : at::zeros({K}, x.options());  // no bias: add zeros
+  const at::Tensor b = bias ? bias->to(at::kFloat).contiguous()
+                            : at::zeros({K}, x.options().dtype(at::kFloat));  // no bias: add zeros
   at::Tensor y = at::empty({N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = N * th * tw;
-  if (T == 0 || K == 0) return y;
-  const int64_t TB = std::clamp<int64_t>(kBlockBytes / (16 * std::max(C, K) * 4) / 8 * 8, 8, 1024);
-  const float* xp = x.data_ptr<float>();
-  const float* bp = b.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::Tensor V = at::empty({16, TB, C}, x.options()), M = at::empty({16, TB, K}, x.options());
-  const at::Tensor zeros = at::zeros({C}, x.options());
-  for (int64_t t0 = 0; t0 < T; t0 += TB) {
-    const int64_t nt = std::min(TB, T - t0);
-    at::parallel_for(0, nt, 8, [&](int64_t i0, int64_t i1) {
-      input_transform(xp, V.data_ptr<float>() + i0 * C, zeros.data_ptr<float>(), t0 + i0, i1 - i0, TB, C, H, W,
-                      th, tw);
-    });
-    at::Tensor Mv = M.narrow(1, 0, nt);
-    at::bmm_out(Mv, V.narrow(1, 0, nt), u);
-    at::parallel_for(0, nt, 8, [&](int64_t i0, int64_t i1) {
-      std::vector<float> edge(4 * K);
-      output_transform(M.data_ptr<float>() + i0 * K, bp, yp, edge.data(), t0 + i0, i1 - i0, TB, K, H, W, th, tw);
-    });
-  }
+  if (y.numel() == 0) return y;
+  if (U.size(0) == 36)
+    winograd_blocks<F4, float>(x, u, b, y);
+  else if (dtype == at::kFloat)
+    winograd_blocks<F2, float>(x, u, b, y);
+  else
+    winograd_blocks<F2, c10::BFloat16>(x, u, b, y);
   return y;
 }
 

@@ -35,7 +35,8 @@ def register_fakes(namespace: str) -> None:
 
 
 def register_winograd_fake() -> None:
-    """Fake kernel of ``fastddpm::winograd_conv3x3`` (CPU only; output in channels_last)."""
+    """Fake kernel of ``fastddpm::winograd_conv3x3`` (CPU only; output of x's dtype, K = U.shape[2]
+    channels, in channels_last)."""
     @torch.library.register_fake("fastddpm::winograd_conv3x3")
     def _winograd_fake(x, U, bias):
         N, _, H, W = x.shape

@@ -51,9 +51,11 @@ class SpeedOptions:
         cuda_graph: capture the steps as CUDA graphs and replay them (CUDA; in-kernel Philox noise).
         graph_steps: steps per captured graph; ``S`` steps replay ``S // graph_steps`` graphs and
             capture one more for a remainder.
-        winograd: on the CPU in float32, run a copy of the model whose 3x3 convolutions of 128 or
-            more channels use Winograd F(2x2, 3x3) (fewer multiplies, results within rounding).
-            None (default): wherever it applies (an ``nn.Module``, CPU, float32, native extension).
+        winograd: on the CPU, run a copy of the model whose wide 3x3 convolutions use Winograd
+            F(4x4, 3x3) or F(2x2, 3x3) where measured faster (fewer multiplies, results within
+            rounding; the rule: :func:`fastddpm.models.winograd.choose_tile`; in bfloat16 only
+            wide convolutions on small images). None (default): wherever it applies (an
+            ``nn.Module``, CPU, float32 or bfloat16, native extension).
         memory_pool: on the CPU, run the loop inside :func:`fastddpm.ops.cpu_memory_pool`, so each
             step reuses the memory the last one freed instead of paying page faults for it.
     """

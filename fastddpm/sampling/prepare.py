@@ -42,13 +42,13 @@ def compile_mode(options: SpeedOptions) -> Optional[str]:
 
 def winograd_applies(model, device: torch.device, options: SpeedOptions) -> bool:
     """Whether ``options.winograd`` is on for ``model`` on ``device``: asked for (True) or by
-    default (None) where it applies — an ``nn.Module`` run on the CPU in float32 with the native
-    extension built. Asking for it where it cannot apply is a ValueError."""
-    applies = (device.type == "cpu" and options.dtype == torch.float32 and isinstance(model, torch.nn.Module)
-               and winograd_available())
+    default (None) where it applies — an ``nn.Module`` run on the CPU in float32 or bfloat16 with
+    the native extension built. Asking for it where it cannot apply is a ValueError."""
+    applies = (device.type == "cpu" and options.dtype in (torch.float32, torch.bfloat16)
+               and isinstance(model, torch.nn.Module) and winograd_available())
     if options.winograd and not applies:
-        raise ValueError(f"winograd: needs an nn.Module run on the CPU in float32 and the native extension, "
-                         f"got {type(model).__name__} on {device} in {options.dtype} "
+        raise ValueError(f"winograd: needs an nn.Module run on the CPU in float32 or bfloat16 and the native "
+                         f"extension, got {type(model).__name__} on {device} in {options.dtype} "
                          f"(native: {ops.native_status()})")
     return applies if options.winograd is None else options.winograd
 
