@@ -65,8 +65,8 @@ def cpu_rows(quick: bool, rounds: int) -> List[Dict]:
         schedule = Schedule.linear().respaced(steps)
         ref_fn = reference_run(model, schedule, shape, device, 0)
         ref_x = ref_fn()
-        # Winograd applies by default on the CPU in fp32, to convs of >= 128 channels: rows name it
-        # only where the model has such convs (the mnist preset has none)
+        # Winograd applies by default on the CPU, to convs of >= MIN_CHANNELS channels: rows name it
+        # only where the model has such convs
         wino = ", winograd" if any(winograd.eligible(m, winograd.MIN_CHANNELS) for m in model.modules()) else ""
         cl, direct = {"channels_last": True}, {"winograd": False}
         # tolerances: the reference steps in float64, the fast sampler in float32, and the model (all
