@@ -38,6 +38,9 @@ from .utils import resolve_device
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ON_NONFINITE = ("stop", "skip")
+# TrainConfig fields that say how fast a run goes, not what it computes: not saved with a
+# checkpoint, so a resumed run takes them as given then (default off), not as the first run had them.
+SPEED_FIELDS = ("compile",)
 NOISE_SOURCES = ("generator", "philox")
 # Losses stay on the device between host reads; a read at least this often bounds their memory.
 FLUSH_EVERY = 1024
@@ -506,7 +509,8 @@ class Trainer:
         self._ensure_finite()
         path = self.checkpoint_path()
         if distributed.is_main():
-            config = dict(self.ema_ddpm().config_dict(), train=asdict(self.config))
+            run = {k: v for k, v in asdict(self.config).items() if k not in SPEED_FIELDS}
+            config = dict(self.ema_ddpm().config_dict(), train=run)
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
             path = write_checkpoint(path, config, self.model, ema=self.ema, optimizer=state)
         self._saved_step = self.step

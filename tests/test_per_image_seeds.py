@@ -35,6 +35,22 @@ def test_an_image_does_not_depend_on_its_batch(tiny, source):
     assert (other - whole).abs().amax(dim=(1, 2, 3)).min() > 0.1  # another seed: other images
 
 
+def test_winograd_convolutions_do_not_depend_on_the_batch():
+    """128 channels at 16x16: a batch of 16 has enough tiles for F(4x4), a batch of 3 does not; per-image
+    runs choose (and run) each image's variant on its own, so the images stay bit-equal."""
+    from fastddpm.models import winograd
+
+    if not winograd.available():
+        pytest.skip("native extension not built")
+    torch.manual_seed(0)
+    wide = randomize_zero_init(UNet(UNetConfig(resolution=16, in_channels=1, out_channels=1, ch=128, ch_mult=(1,),
+                                               num_res_blocks=1, attn_resolutions=(), groups=32, dropout=0.0))).eval()
+    assert winograd.choose_tile(torch.float32, 128, 16, 16, 16) != winograd.choose_tile(torch.float32, 128, 3, 16, 16)
+    whole = _sample(wide, 16, batch_size=16)
+    assert torch.equal(_sample(wide, 16, batch_size=3), whole)
+    assert torch.equal(_sample(wide, 1, first_index=7), whole[7:8])
+
+
 def test_a_based_philox_state_draws_that_part_of_the_stream():
     table = torch.tensor([[0.0, 1.0]])  # x_t = z: q_sample returns the drawn noise itself
     for backend in ("native", "reference"):

@@ -112,5 +112,8 @@ def test_cli_train_takes_noise_and_compile(tmp_path, monkeypatch):
     with open(f"{out}/checkpoint/config.json") as f:
         assert json.load(f)["train"]["noise"] == "philox"
     assert main(["train", "--data", "digits", "--out", out, "--steps", "3", "--resume", "--compile", "--quiet"]) == 0
-    assert seen == [("philox", False), ("philox", True)]
+    with open(f"{out}/checkpoint/config.json") as f:
+        assert "compile" not in json.load(f)["train"]  # a speed option is not saved with the run
+    assert main(["train", "--data", "digits", "--out", out, "--steps", "4", "--resume", "--quiet"]) == 0
+    assert seen == [("philox", False), ("philox", True), ("philox", False)]
     assert main(["train", "--data", "digits", "--out", out, "--noise", "randn"]) == 2

@@ -26,6 +26,7 @@ free at run time, and plain Python on static shapes for torch.compile. What the 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Optional
@@ -39,6 +40,9 @@ from ..ops.winograd import TILES, available, transform_weight  # noqa: F401  (re
 
 DIRECT = 0  # choose_tile's answer for "run the direct convolution"
 
+# True inside per_image(): see there.
+_per_image = False
+
 # Per compute dtype, rows (narrowest width, tile, fewest tiles, most tiles): the first row whose
 # width the convolution reaches and whose range holds its number of tiles of that size wins;
 # no row: direct. Tiles of size m: N * ceil(H / m) * ceil(W / m).
@@ -50,6 +54,20 @@ RULES = {
 
 # The narrowest width any rule sends to Winograd: narrower convolutions are never rewritten.
 MIN_CHANNELS = min(row[0] for rows in RULES.values() for row in rows)
+
+
+@contextlib.contextmanager
+def per_image():
+    """Inside it, every :class:`WinogradConv2d` chooses its variant for one image and runs image by
+    image, so an image's output does not depend on how many images share its batch (the variant
+    and the GEMMs' tile blocks would otherwise follow the batch's tile count). Used by per-image
+    runs on the CPU (:func:`fastddpm.sampling.api.batch_invariant_here`); not thread-local."""
+    global _per_image
+    saved, _per_image = _per_image, True
+    try:
+        yield
+    finally:
+        _per_image = saved
 
 
 def choose_tile(dtype: torch.dtype, channels: int, batch: int, height: int, width: int) -> int:
@@ -98,15 +116,20 @@ class WinogradConv2d(nn.Module):
     def _table(tile: int, dtype: torch.dtype) -> str:
         return f"U{tile}_{str(dtype).split('.')[-1]}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution of ``x`` by the variant :func:`choose_tile` (or the fixed tile) picks."""
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if self.tile is not None:
             tile = self.tile if dtype == torch.float32 else DIRECT
         else:
-            tile = choose_tile(dtype, self.channels, x.shape[0], x.shape[-2], x.shape[-1])
+            tile = choose_tile(dtype, self.channels, 1 if _per_image else x.shape[0], x.shape[-2], x.shape[-1])
         if tile == DIRECT:
             return F.conv2d(x, self.weight, self.bias, padding=1)
-        return winograd_op.winograd_conv3x3(x.to(dtype), getattr(self, self._table(tile, dtype)), self.bias)
+        table = getattr(self, self._table(tile, dtype))
+        if _per_image:
+            return torch.cat([winograd_op.winograd_conv3x3(x[i:i + 1].to(dtype), table, self.bias)
+                              for i in range(x.shape[0])])
+        return winograd_op.winograd_conv3x3(x.to(dtype), table, self.bias)
 
 
 def with_winograd_convs(model: nn.Module, min_channels: Optional[int] = None, tile: Optional[int] = None) -> nn.Module:

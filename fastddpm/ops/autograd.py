@@ -51,6 +51,10 @@ def _fused_backward(namespace: str):
     the fused kernel ``{namespace}::group_norm_act_backward`` where the namespace has one for the
     device (csrc: the CPU; Triton: everywhere it runs), else the formula (csrc on CUDA)."""
     def backward(grad, x, weight, bias, temb, mean, rstd, groups, silu):
+        if torch.is_grad_enabled():  # create_graph=True: neither the kernels nor the formula (its
+            # statistics are saved constants) give second derivatives; aten's group norm does
+            raise NotImplementedError("group_norm_act: no double backward (create_graph=True) in the fused ops; "
+                                      "run the model under fastddpm.ops.use_backend('reference')")
         op = getattr(getattr(torch.ops, namespace), "group_norm_act_backward", None)
         if op is None or (namespace == "fastddpm" and x.device.type != "cpu"):
             return group_norm_act_backward(grad, x, weight, bias, temb, mean, rstd, groups, silu)

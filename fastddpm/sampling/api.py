@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ..models import winograd
 from ..pipeline import DDPM, locate_checkpoint, resolve_model
 from ..pipeline import load as load_checkpoint
 from ..schedule import Schedule
@@ -101,8 +102,9 @@ class BatchInvariant(torch.overrides.TorchFunctionMode):
     """Inside it, ``F.linear`` computes each sample's rows on its own (a batched matmul), so an
     image's model output does not depend on how many images share its batch: CPU GEMMs pick their
     kernels by the number of rows, and a time-embedding layer's [B, K] input would otherwise give
-    rows that differ in the last bits between a batch of 3 and one of 8. (Convolutions and the
-    native ops compute each sample alike in batches of two or more.) Used with ``per_image_seeds``
+    rows that differ in the last bits between a batch of 3 and one of 8. (oneDNN's convolutions and
+    the native ops compute each sample alike in batches of two or more; Winograd convolutions are
+    made so by :func:`batch_invariant`.) Used with ``per_image_seeds``
     on the CPU only (:func:`batch_invariant_here`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
@@ -115,6 +117,16 @@ class BatchInvariant(torch.overrides.TorchFunctionMode):
             out = out.reshape(*x.shape[:-1], weight.shape[0])
             return out if bias is None else out + bias
         return func(*args, **kwargs)
+
+
+def batch_invariant() -> contextlib.ExitStack:
+    """Where a run must compute each image independently of its batch: :class:`BatchInvariant`'s
+    per-sample linears and Winograd convolutions chosen and run image by image
+    (:func:`fastddpm.models.winograd.per_image`)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(BatchInvariant())
+    stack.enter_context(winograd.per_image())
+    return stack
 
 
 def batch_invariant_here(per_image_seeds: bool, device: torch.device) -> bool:
@@ -225,5 +237,5 @@ def sample(model_or_path: Union[DDPM, torch.nn.Module, Callable, str] = "mnist",
                                     reuse=reuse)
         return sampler_.run(batch_noise(start), callback=callback, progress=progress)[:size]
 
-    with eval_mode(ddpm.model), BatchInvariant() if invariant else contextlib.nullcontext():
+    with eval_mode(ddpm.model), batch_invariant() if invariant else contextlib.nullcontext():
         return in_batches(run, n, batch_size)
