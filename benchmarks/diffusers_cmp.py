@@ -28,6 +28,7 @@ is an optional dependency (``pip install .[bench]``)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 from typing import Callable, Dict, List, Tuple
 
@@ -165,7 +166,10 @@ def compare_case(name: str, config: dict, batch: int, steps: int, device: torch.
             row["pipe_diff_vs_eager_pipe"] = float(abs(theirs_x - reference).max())
         rows.append(row)
         print(json.dumps(row), flush=True)
-    fastddpm.sampling.clear_cache()
+        # this setting's prepared samplers (converted, frozen copies of the model) go before the next's
+        fastddpm.sampling.clear_cache()
+        del fast, ours, sample
+        gc.collect()
     return rows
 
 

@@ -51,6 +51,10 @@ for name in ${WHAT//,/ }; do
 done
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 TINY=${GPU_CHECK_TINY:-}
+# phases append to their files: a results folder from an earlier run is moved aside, not mixed in
+if [[ -d $OUT && -n $(ls -A "$OUT") ]]; then
+  mv "$OUT" "$OUT.$(date +%Y%m%d-%H%M%S)" && echo "gpu_check: the earlier $OUT moved aside"
+fi
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -60,6 +60,10 @@ def test_large_channel_counts_use_several_tile_blocks(tile, dtype):
     x = torch.randn(2, 256, 17, 18, generator=g)
     weight = torch.randn(128, 256, 3, 3, generator=g) / 48
     _check_against_float64(x, weight, torch.randn(128, generator=g), tile, dtype)
+    # more tiles than one block holds at any width, and channel counts that end in a partial chunk
+    x = torch.randn(3, 200, 37, 41, generator=g)
+    weight = torch.randn(136, 200, 3, 3, generator=g) / 42
+    _check_against_float64(x, weight, torch.randn(136, generator=g), tile, dtype)
 
 
 def test_bias_may_be_bfloat16_with_bfloat16_inputs():
@@ -197,6 +201,11 @@ def test_bad_inputs_raise_clear_errors():
         winograd.transform_weight(torch.randn(4, 4, 5, 5))
     with pytest.raises(ValueError, match="tile: expected"):
         winograd.transform_weight(torch.randn(4, 4, 3, 3), tile=6)
+    for tile in (2.0, True):  # a tile names a table: only the ints 2 and 4
+        with pytest.raises(ValueError, match="tile: expected"):
+            winograd.transform_weight(torch.randn(4, 4, 3, 3), tile=tile)
+        with pytest.raises(ValueError, match="tile: expected"):
+            winograd.WinogradConv2d(torch.nn.Conv2d(4, 4, 3, padding=1), tile=tile)
     with pytest.raises(ValueError, match="dtype: expected"):
         winograd.transform_weight(torch.randn(4, 4, 3, 3), dtype=torch.float16)
     U = winograd.transform_weight(torch.randn(6, 4, 3, 3))
@@ -220,3 +229,17 @@ def test_bad_inputs_raise_clear_errors():
     coeffs = sched.table("step", "cpu", sampler="ddpm", variance="fixed_large")
     with pytest.raises(ValueError, match="winograd"):
         Sampler(tiny, sched, coeffs, (1, 1, 8, 8), winograd=True, dtype="float16")
+
+
+def test_a_copy_for_one_compute_dtype_holds_only_its_tables():
+    """The tables are 1.8-4x the weights each: a sampler's copy keeps those its dtype can use."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(128, 128, 3, padding=1), torch.nn.Conv2d(128, 256, 3, padding=1),
+                                torch.nn.Conv2d(256, 256, 3, padding=1))
+    names = lambda m: {n.rsplit(".", 1)[-1] for n, _ in m.named_buffers() if n.rsplit(".", 1)[-1].startswith("U")}  # noqa: E731
+    f32 = winograd.with_winograd_convs(model, dtypes=(torch.float32,))
+    assert names(f32) == {"U2_float32", "U4_float32"}
+    bf16 = winograd.with_winograd_convs(model, dtypes=(torch.bfloat16,))
+    assert names(bf16) == {"U2_bfloat16"} and isinstance(bf16[0], torch.nn.Conv2d)  # 128 wide: no bf16 rule
+    x = torch.randn(2, 128, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a dtype f32 was not prepared for: direct, not an error
+        torch.testing.assert_close(f32(x).float(), model(x).float(), rtol=0.05, atol=0.05)

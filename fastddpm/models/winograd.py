@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,18 +97,19 @@ class WinogradConv2d(nn.Module):
     variant per call by :func:`choose_tile` (float32 or bf16 under autocast); 2 or 4 always runs
     that tile size in float32 (tests, benchmarks), other compute dtypes then run direct."""
 
-    def __init__(self, conv: nn.Conv2d, tile: Optional[int] = None):
+    def __init__(self, conv: nn.Conv2d, tile: Optional[int] = None, dtypes: Sequence[torch.dtype] = tuple(RULES)):
         super().__init__()
         if not eligible(conv):
             raise ValueError(f"conv: expected a float32 CPU 3x3 stride-1 padding-1 Conv2d, got {conv}")
-        if tile is not None and tile not in TILES:
+        if tile is not None and (type(tile) is not int or tile not in TILES):
             raise ValueError(f"tile: expected None or one of {TILES}, got {tile!r}")
         self.tile, self.channels = tile, min(conv.in_channels, conv.out_channels)
         self.register_buffer("weight", conv.weight.detach().clone())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-        # "U4_float32", ...: the tables the rules (or the fixed tile) can pick for this width
+        # "U4_float32", ...: the tables the rules (or the fixed tile) can pick for this width in the
+        # compute dtypes asked for (each table is 1.8x (F(2x2)) or 4x (F(4x4)) the weights' size)
         variants = {(tile, torch.float32)} if tile is not None else {
-            (row[1], dtype) for dtype, rows in RULES.items() for row in rows if self.channels >= row[0]}
+            (row[1], dtype) for dtype in dtypes for row in RULES.get(dtype, ()) if self.channels >= row[0]}
         for t, dtype in sorted(variants, key=str):
             self.register_buffer(self._table(t, dtype), transform_weight(conv.weight, t, dtype))
 
@@ -125,24 +126,31 @@ class WinogradConv2d(nn.Module):
             tile = choose_tile(dtype, self.channels, 1 if _per_image else x.shape[0], x.shape[-2], x.shape[-1])
         if tile == DIRECT:
             return F.conv2d(x, self.weight, self.bias, padding=1)
-        table = getattr(self, self._table(tile, dtype))
+        table = getattr(self, self._table(tile, dtype), None)
+        if table is None:  # a compute dtype this layer was not prepared for
+            return F.conv2d(x, self.weight, self.bias, padding=1)
         if _per_image:
             return torch.cat([winograd_op.winograd_conv3x3(x[i:i + 1].to(dtype), table, self.bias)
                               for i in range(x.shape[0])])
         return winograd_op.winograd_conv3x3(x.to(dtype), table, self.bias)
 
 
-def with_winograd_convs(model: nn.Module, min_channels: Optional[int] = None, tile: Optional[int] = None) -> nn.Module:
+def with_winograd_convs(model: nn.Module, min_channels: Optional[int] = None, tile: Optional[int] = None,
+                        dtypes: Sequence[torch.dtype] = tuple(RULES)) -> nn.Module:
     """A copy of ``model`` whose eligible convolutions with at least ``min_channels`` channels in
-    and out (default ``MIN_CHANNELS``: the narrowest width :func:`choose_tile` sends to Winograd) run as
-    :class:`WinogradConv2d` (``tile``: see there); the original is untouched. Raises if the native
-    kernel is not built."""
+    and out (default: the narrowest width :func:`choose_tile` sends to Winograd in one of
+    ``dtypes``, the compute dtypes the copy will run in) run as :class:`WinogradConv2d` (``tile``:
+    see there); the original is untouched. Raises if the native kernel is not built."""
     if not available():
         raise RuntimeError("winograd: the native CPU extension is not built (see `fastddpm info`)")
-    min_channels = MIN_CHANNELS if min_channels is None else min_channels
+    if min_channels is None:
+        widths = [row[0] for dtype in dtypes for row in RULES.get(dtype, ())]
+        if not widths:
+            return copy.deepcopy(model)  # no rule sends any convolution to Winograd in these dtypes
+        min_channels = min(widths)
     model = copy.deepcopy(model)
     for child in list(model.modules()):
         for attr, sub in list(child.named_children()):
             if eligible(sub, min_channels):
-                setattr(child, attr, WinogradConv2d(sub, tile))
+                setattr(child, attr, WinogradConv2d(sub, tile, dtypes))
     return model

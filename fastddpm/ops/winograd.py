@@ -36,7 +36,7 @@ def available() -> bool:
 
 def positions(tile: int) -> int:
     """The number of GEMM positions ``(tile + 2)^2`` of F(tile x tile, 3x3): the table's first dimension."""
-    if tile not in TILES:
+    if type(tile) is not int or tile not in TILES:  # not 2.0 or True: the tile names a table
         raise ValueError(f"tile: expected one of {TILES}, got {tile!r}")
     return (tile + 2) ** 2
 

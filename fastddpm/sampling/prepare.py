@@ -88,7 +88,7 @@ class PreparedModel:
     def _prepare(self, model):
         options = self.options
         if self.winograd:
-            model = with_winograd_convs(model)
+            model = with_winograd_convs(model, dtypes=(self.dtype,))  # only the tables this run can use
         if isinstance(model, torch.nn.Module) and options.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if options.compile is False:
