@@ -31,17 +31,24 @@ _MODULES = {"ops": "ops", "train": "train", "sampler": "sampler", "calls": "per_
             "likelihood": "likelihood", "edits": "edits"}
 
 
-def run(sections=SECTIONS, device="cpu", quick=False, rounds: Optional[int] = None) -> Dict:
-    """Run ``sections`` on ``device``; returns ``{"machine": ..., "sections": {name: result}}``."""
+# what must match for --merge to add sections to an earlier report
+SAME_SETUP = ("processor", "threads", "native", "device")
+
+
+def machine(device="cpu") -> Dict:
+    """The machine and setup a report is measured on."""
     from fastddpm import ops
     from fastddpm.utils import cpu_model_name
 
-    result = dict(machine=dict(device=str(device), processor=platform.processor() or platform.machine(),
-                               cpu_model=cpu_model_name(),
-                               threads=torch.get_num_threads(), torch=torch.__version__,
-                               gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
-                               native=ops.native_status(), triton=ops.triton_status()),
-                  quick=quick, sections={})
+    return dict(device=str(device), processor=platform.processor() or platform.machine(), cpu_model=cpu_model_name(),
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                gpu=torch.cuda.get_device_name() if torch.device(device).type == "cuda" else None,
+                native=ops.native_status(), triton=ops.triton_status())
+
+
+def run(sections=SECTIONS, device="cpu", quick=False, rounds: Optional[int] = None) -> Dict:
+    """Run ``sections`` on ``device``; returns ``{"machine": ..., "sections": {name: result}}``."""
+    result = dict(machine=machine(device), quick=quick, sections={})
     for name in sections:
         module = importlib.import_module(f".{_MODULES[name]}", __package__)
         start = time.perf_counter()
@@ -112,15 +119,17 @@ def main(argv=None):
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         p.error(f"--only: unknown sections {unknown}; expected some of {list(SECTIONS)}")
-    result = run(sections, args.device, args.quick, args.rounds)
-    os.makedirs(args.out, exist_ok=True)
     previous = os.path.join(args.out, "bench.json")
-    if args.merge and os.path.exists(previous):
+    merged = None
+    if args.merge and os.path.exists(previous):  # checked before the run, not after it
         with open(previous) as f:
             merged = json.load(f)
-        same = ("processor", "threads", "native", "device")
-        if any(merged.get("machine", {}).get(k) != result["machine"][k] for k in same):
+        here = machine(args.device)
+        if any(merged.get("machine", {}).get(k) != here[k] for k in SAME_SETUP):
             p.error(f"--merge: {previous} was measured on another machine or setup ({merged.get('machine')})")
+    result = run(sections, args.device, args.quick, args.rounds)
+    os.makedirs(args.out, exist_ok=True)
+    if merged is not None:
         merged["sections"].update(result["sections"])
         result = merged
     with open(os.path.join(args.out, "bench.json"), "w") as f:
