@@ -197,7 +197,7 @@ class Trainer:
         _check_images(images, ddpm.image_shape, self.config.batch_size)
         _check_split(self.config.batch_size, self.world_size)
         if self.config.noise == "philox":  # fails here, not at the first step
-            _philox_base(self.rank * (self.config.batch_size // self.world_size), math.prod(ddpm.image_shape))
+            _philox_base(self._first_row(), math.prod(ddpm.image_shape))
         self.ddpm = ddpm
         self.model = ddpm.model.to(self.device)
         self.images = images.to(self.device)
@@ -224,10 +224,14 @@ class Trainer:
         return True if self.config.on_nonfinite == "skip" else None
 
     # ------------------------------------------------------------------------------- one step
+    def _first_row(self) -> int:
+        """Where this rank's rows start in the global batch: ``r * b / N``."""
+        return self.rank * (self.config.batch_size // self.world_size)
+
     def _share(self, rows: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a global-batch tensor: ``[r * b / N, (r + 1) * b / N)``."""
+        """This rank's rows of a global-batch tensor (``batch_size`` rows): ``[r * b / N, (r + 1) * b / N)``."""
         size = rows.shape[0] // self.world_size
-        return rows[self.rank * size:(self.rank + 1) * size]
+        return rows[self._first_row():self._first_row() + size]
 
     def _batch(self, g: torch.Generator) -> torch.Tensor:
         """This rank's share of step ``k``'s global batch, flipped where ``flip`` says.
@@ -258,7 +262,7 @@ class Trainer:
         bs = self.config.batch_size
         t = torch.randint(0, self.ddpm.schedule.T, (bs,), generator=g, device=self.device)
         if self.config.noise == "philox":
-            base = _philox_base(self.rank * (bs // self.world_size), x0[0].numel())
+            base = _philox_base(self._first_row(), math.prod(self.ddpm.image_shape))
             return self._share(t), PhiloxState(_step_seed(self.config.seed, self.step), device=self.device, base=base)
         noise = torch.randn((bs, *x0.shape[1:]), generator=g, device=self.device, dtype=x0.dtype)
         return self._share(t), self._share(noise)

@@ -117,3 +117,23 @@ def test_cli_train_takes_noise_and_compile(tmp_path, monkeypatch):
     assert main(["train", "--data", "digits", "--out", out, "--steps", "4", "--resume", "--quiet"]) == 0
     assert seen == [("philox", False), ("philox", True), ("philox", False)]
     assert main(["train", "--data", "digits", "--out", out, "--noise", "randn"]) == 2
+
+
+def test_the_trainers_philox_shares_make_the_global_draw(tmp_path):
+    """Trainer._draws under noise='philox' as rank r of N (set by hand: one process here): the noise
+    each rank's kernel draws is its rows of the one-process draw of that step."""
+    images = load_digits_data()[0][:64]
+    trainer = _trainer(tmp_path, images, noise="philox")
+    bs, x0 = trainer.config.batch_size, images[:1]
+    whole = PhiloxState(_step_seed(trainer.config.seed, trainer.step), base=0).randn((bs, *x0.shape[1:]))
+    for world in (2, 4):
+        shares = []
+        for rank in range(world):
+            trainer.rank, trainer.world_size = rank, world
+            t, state = trainer._draws(torch.Generator().manual_seed(0), x0)
+            rows = bs // world
+            assert t.shape == (rows,)
+            _, eps = ops.q_sample(torch.zeros(rows, *x0.shape[1:]), torch.zeros(rows, dtype=torch.int64),
+                                  torch.tensor([[0.0, 1.0]]), rng=state)
+            shares.append(eps)
+        assert torch.equal(torch.cat(shares), whole)
