@@ -256,16 +256,18 @@ class Trainer:
         """This rank's share of the global batch's timesteps and noise, drawn from ``g`` in the
         order :func:`training_loss` draws them, so one process draws exactly what it would.
 
-        Under ``noise="philox"`` the noise is a :class:`PhiloxState` instead, for the kernel to
-        draw: stream ``(step seed, 0)``, from number ``base`` on, where this rank's rows start in
-        the global batch, so every rank draws its rows' share of one global-batch draw."""
+        Returns ``(t, noise, rng)``: under ``noise="philox"`` noise is None and rng a
+        :class:`PhiloxState` for the kernel to draw from: stream ``(step seed, 0)``, from number
+        ``base`` on, where this rank's rows start in the global batch, so every rank draws its
+        rows' share of one global-batch draw."""
         bs = self.config.batch_size
         t = torch.randint(0, self.ddpm.schedule.T, (bs,), generator=g, device=self.device)
         if self.config.noise == "philox":
             base = _philox_base(self._first_row(), math.prod(self.ddpm.image_shape))
-            return self._share(t), PhiloxState(_step_seed(self.config.seed, self.step), device=self.device, base=base)
+            return self._share(t), None, PhiloxState(_step_seed(self.config.seed, self.step), device=self.device,
+                                                     base=base)
         noise = torch.randn((bs, *x0.shape[1:]), generator=g, device=self.device, dtype=x0.dtype)
-        return self._share(t), self._share(noise)
+        return self._share(t), self._share(noise), None
 
     def _lr(self) -> float:
         warm = self.config.warmup
@@ -288,8 +290,7 @@ class Trainer:
         g = _step_generator(self.device, cfg.seed, self.step)
         torch.manual_seed(_dropout_seed(cfg.seed, self.step, self.rank))
         x0 = self._batch(g)
-        t, noise = self._draws(g, x0)
-        noise, rng = (None, noise) if isinstance(noise, PhiloxState) else (noise, None)
+        t, noise, rng = self._draws(g, x0)
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()

@@ -130,7 +130,8 @@ def test_the_trainers_philox_shares_make_the_global_draw(tmp_path):
         shares = []
         for rank in range(world):
             trainer.rank, trainer.world_size = rank, world
-            t, state = trainer._draws(torch.Generator().manual_seed(0), x0)
+            t, noise, state = trainer._draws(torch.Generator().manual_seed(0), x0)
+            assert noise is None
             rows = bs // world
             assert t.shape == (rows,)
             _, eps = ops.q_sample(torch.zeros(rows, *x0.shape[1:]), torch.zeros(rows, dtype=torch.int64),

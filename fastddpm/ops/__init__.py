@@ -176,11 +176,10 @@ def group_norm_act(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     _check_channel_param("bias", bias, (C,), x)
     checks.choice("act", act, ("silu", None))
     if backend == "auto" and forced_backend() is None:
-        # Training: on the CPU the native op has a fused backward kernel (two passes); on CUDA its
-        # backward is a composite of PyTorch ops, slower than eager group_norm's, so "auto" keeps
-        # the reference there.
-        # On the CPU the native op runs in every dtype (bf16/fp16 rows through its float rows:
-        # still fewer passes than the reference's norm, add and SiLU).
+        # On the CPU the native op runs in every dtype (bf16/fp16 rows through its float rows: still
+        # fewer passes than the reference's norm, add and SiLU), in training with its fused backward
+        # kernel. On CUDA its backward is a composite of PyTorch ops, slower than eager group_norm's,
+        # so training there keeps the reference.
         training = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, weight, bias, temb))
         if training and not (x.device.type == "cpu" and native.AVAILABLE):
             backend = "reference"
