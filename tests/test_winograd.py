@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fastddpm import Sampler, Schedule, UNet, reference_sample
@@ -27,7 +27,8 @@ FACTOR = {2: 4, 4: 64}
 
 
 def _check_against_float64(x, weight, bias, tile, dtype, xin=None):
-    """Winograd of (x or xin) in ``dtype`` within FACTOR[tile] x the direct conv's error, plus an ulp."""
+    """Winograd of (x or xin) in ``dtype`` within FACTOR[tile] x the direct conv's error, plus an ulp
+    of the transforms' sums."""
     exact = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
     cast = (lambda t: None if t is None else t.to(dtype))
     direct_err = (F.conv2d(cast(x), cast(weight), cast(bias), padding=1).double() - exact).abs().max().item()
@@ -35,7 +36,12 @@ def _check_against_float64(x, weight, bias, tile, dtype, xin=None):
     fast = winograd_conv3x3(xin.to(dtype), winograd.transform_weight(weight, tile, dtype), bias)
     assert fast.shape == exact.shape and fast.dtype == dtype
     assert fast.is_contiguous(memory_format=torch.channels_last)
-    ulp = torch.finfo(dtype).eps * exact.abs().max().item()
+    # the transforms mix every tap of a filter, also those that fall on the zero padding (they cancel
+    # only in exact arithmetic), so their rounding scales with |x| over the window times the filter's
+    # |w|, not with the output (a one-pixel image's output is one tap's product): hypothesis found it
+    taps = weight.double().abs().sum((2, 3), keepdim=True).expand(weight.shape) / 9
+    scale = max(exact.abs().max().item(), F.conv2d(x.double().abs(), taps, padding=1).max().item())
+    ulp = torch.finfo(dtype).eps * scale
     err = (fast.double() - exact).abs().max().item()
     assert err <= FACTOR[tile] * (direct_err + ulp) + 1e-30, (err, direct_err, ulp)
 
@@ -44,6 +50,7 @@ def _check_against_float64(x, weight, bias, tile, dtype, xin=None):
 @given(n=st.integers(1, 3), c=st.integers(1, 20), k=st.integers(1, 20), h=st.integers(1, 11), w=st.integers(1, 11),
        layout=st.sampled_from(["contiguous", "channels_last", "strided"]), with_bias=st.booleans(),
        variant=st.sampled_from(VARIANTS), seed=st.integers(0, 2**31))
+@example(n=1, c=1, k=1, h=1, w=1, layout="contiguous", with_bias=False, variant=(2, torch.float32), seed=4110)
 def test_matches_direct_convolution(n, c, k, h, w, layout, with_bias, variant, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g)
