@@ -394,7 +394,7 @@ def test_winograd_raises_only_documented_exceptions(data, x_shape, u_shape, k):
     U = data.draw(st.one_of(tensors([16, channels, k]), tensors(u_shape)))
     bias = data.draw(st.one_of(st.none(), tensors([k]), tensors([k + 1])))
     expected = (x_shape[0], k, *x_shape[2:]) if len(x_shape) == 4 else None
-    _assert_documented(lambda: ops.winograd_conv3x3(x, U, bias), expected, torch.float32)
+    _assert_documented(lambda: ops.winograd_conv3x3(x, U, bias), expected, x.dtype)  # output: x's dtype
 
 
 @settings(max_examples=100, deadline=None)
